@@ -1,0 +1,48 @@
+"""Train AlexNet: python launch.py --config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]
+
+Kept short on purpose: the logic lives in the alexnet_jax package, where it is tested.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from alexnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a bad --config override is one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        text = text.replace("\\n", "\n").replace("\\'", "'")
+        lines = (line.strip().strip("'\"") for line in text.splitlines())
+        message = " ".join(line for line in lines if line) or type(error).__name__
+        print(f"error: {message} (see {argv[0]} --helpfull)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("alexnet_jax").setLevel(logging.INFO)
+    from alexnet_jax import train
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the train state, with a small JSON record of what was trained.
+
+Saves are asynchronous: Orbax writes to a temporary directory and renames it
+when done, so only finished checkpoints are ever listed and a run killed
+mid-save restarts from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from alexnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Config keys that change the shapes of the state: a checkpoint made with other
+# values cannot be continued.
+MODEL_KEYS = ("model", "num_classes", "optimizer")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        )
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore(self, step: int, target: Any) -> Any:
+        """Restore onto the shapes, dtypes and shardings of `target` (any device count)."""
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
+    """Refuse to continue a checkpoint of a different model in the same workdir."""
+    differences = [
+        f"{key}={meta.get(key)!r} (now {expected[key]!r})"
+        for key in MODEL_KEYS
+        if key in meta and meta.get(key) != expected.get(key)
+    ]
+    if differences:
+        raise UserError(
+            f"{directory} holds a checkpoint of a different model: {', '.join(differences)}; "
+            "use a new --workdir, or set the config back to match"
+        )

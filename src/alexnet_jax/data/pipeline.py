@@ -1,0 +1,192 @@
+"""tf.data pipelines: per-process shard, order, decode + augment, batch.
+
+Training order is a pure function of (seed, epoch, position) for file-backed
+sources, so a run resumed at step k starts reading exactly where step k left
+off, at a cost that does not grow with the position. Evaluation pads every
+process to the same number of batches and marks padding with mask 0, so every
+example counts exactly once on any device and process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax.data import augment
+from alexnet_jax.data.sources import FileSplit, TfdsSplit
+
+AUTOTUNE = tf.data.AUTOTUNE
+TFDS_SHUFFLE_BUFFER = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    image_size: int
+    resize_size: int
+    flip: bool = True
+    pca_noise_std: float = 0.1
+    eval_crops: int = 1
+
+
+def hide_accelerators_from_tf() -> None:
+    """Keep TensorFlow on the CPU: the accelerators belong to JAX."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass  # already initialised, or no such device type
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    options.experimental_optimization.map_parallelization = True
+    options.experimental_optimization.inject_prefetch = True
+    options.experimental_warm_start = True
+    return options
+
+
+def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+    """The examples process i reads: i, i + P, i + 2P, ... (sizes differ by at most one)."""
+    return np.arange(process_index, num_examples, process_count, dtype=np.int64)
+
+
+def train_dataset(
+    split: FileSplit | TfdsSplit,
+    aug: Augmentation,
+    *,
+    per_process_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Endless batches {'images': [B, S, S, 3] float32, 'labels': [B] int32} from start_step on."""
+    hide_accelerators_from_tf()
+    start_position = start_step * per_process_batch
+    if isinstance(split, FileSplit):
+        examples = _file_train_examples(split, seed, start_position, process_index, process_count)
+    else:
+        examples = _tfds_train_examples(split, seed, start_position, process_index, process_count)
+
+    def prepare(image_bytes, label, position):
+        # Each example's randomness: a pure function of the seed, process and stream position.
+        example_seed = tf.stack([tf.cast(seed, tf.int64) * 2, position * process_count + process_index])
+        image = augment.train_image(
+            image_bytes,
+            example_seed,
+            image_size=aug.image_size,
+            resize_size=aug.resize_size,
+            flip=aug.flip,
+            pca_noise_std=aug.pca_noise_std,
+        )
+        return {"images": image, "labels": tf.cast(label, tf.int32)}
+
+    dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(per_process_batch, drop_remainder=True)
+    return dataset.prefetch(AUTOTUNE).with_options(_options())
+
+
+def _file_train_examples(split, seed, start_position, process_index, process_count):
+    indices = local_indices(split.num_examples, process_index, process_count)
+    num_local = len(indices)
+    paths = tf.constant(split.paths[indices])
+    labels = tf.constant(split.labels[indices])
+    first_epoch, offset = divmod(start_position, num_local)
+
+    def epoch_examples(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_local, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64) * 2 + 1, epoch])
+        )
+        start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
+        positions = epoch * num_local + tf.range(start, num_local, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((order[start:], positions))
+
+    def load(index, position):
+        return tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index), position
+
+    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+    return epochs.flat_map(epoch_examples).map(load, num_parallel_calls=AUTOTUNE)
+
+
+def _tfds_read(split: TfdsSplit, process_index: int, process_count: int, *, shuffle_seed=None):
+    import tensorflow_datasets as tfds
+
+    subsplit = tfds.even_splits(split.split, n=process_count, drop_remainder=False)[process_index]
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16, interleave_block_length=1)
+    dataset = split.builder.as_dataset(
+        split=subsplit,
+        shuffle_files=shuffle_seed is not None,
+        decoders={split.image_key: tfds.decode.SkipDecoding()},
+        read_config=read_config,
+    )
+    return dataset.map(lambda ex: (ex[split.image_key], ex[split.label_key]))
+
+
+def _tfds_train_examples(split, seed, start_position, process_index, process_count):
+    # A TFDS record file is read as a stream: resuming skips start_position records.
+    dataset = _tfds_read(split, process_index, process_count, shuffle_seed=seed)
+    dataset = dataset.repeat().shuffle(TFDS_SHUFFLE_BUFFER, seed=seed)
+    dataset = dataset.enumerate().map(lambda position, ex: (ex[0], ex[1], position))
+    return dataset.skip(start_position)
+
+
+def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
+    """Batches every process runs so that the largest shard is read whole."""
+    largest_shard = math.ceil(num_examples / process_count)
+    return max(1, math.ceil(largest_shard / per_process_batch))
+
+
+def eval_dataset(
+    split: FileSplit | TfdsSplit,
+    aug: Augmentation,
+    *,
+    per_process_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Exactly eval_steps(...) batches {'images', 'labels', 'mask'}; padding has mask 0.
+
+    images are [B, S, S, 3], or [B, 10, S, S, 3] with eval_crops=10.
+    """
+    hide_accelerators_from_tf()
+    steps = eval_steps(split.num_examples, per_process_batch, process_count)
+    if isinstance(split, FileSplit):
+        indices = local_indices(split.num_examples, process_index, process_count)
+        examples = tf.data.Dataset.from_tensor_slices((split.paths[indices], split.labels[indices]))
+        examples = examples.map(lambda path, label: (tf.io.read_file(path), label))
+        num_local = len(indices)
+    else:
+        examples = _tfds_read(split, process_index, process_count)
+        num_local = len(local_indices(split.num_examples, process_index, process_count))
+
+    def prepare(image_bytes, label):
+        if aug.eval_crops == 10:
+            image = augment.eval_ten_crops(image_bytes, image_size=aug.image_size, resize_size=aug.resize_size)
+        else:
+            image = augment.eval_image(image_bytes, image_size=aug.image_size, resize_size=aug.resize_size)
+        return {"images": image, "labels": tf.cast(label, tf.int32), "mask": tf.constant(1, tf.int32)}
+
+    dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
+    padding = steps * per_process_batch - num_local
+    if padding:
+        crops = () if aug.eval_crops == 1 else (aug.eval_crops,)
+        blank = {
+            "images": tf.zeros(crops + (aug.image_size, aug.image_size, 3)),
+            "labels": tf.constant(0, tf.int32),
+            "mask": tf.constant(0, tf.int32),
+        }
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+    dataset = dataset.batch(per_process_batch, drop_remainder=True)
+    return dataset.prefetch(AUTOTUNE).with_options(_options())
+
+
+def device_batches(dataset: tf.data.Dataset, local_device_count: int) -> Iterator[dict[str, np.ndarray]]:
+    """numpy batches reshaped to [local_devices, per_device_batch, ...] for the pmap'ed step."""
+    for batch in dataset.as_numpy_iterator():
+        yield {key: value.reshape((local_device_count, -1) + value.shape[1:]) for key, value in batch.items()}

@@ -1,0 +1,100 @@
+"""Metrics: top-k accuracy, and the writers (metrics.jsonl, TensorBoard, console line).
+
+Only process 0 writes; the other processes get a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+
+def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest scores, per example. [N]"""
+    k = min(k, logits.shape[-1])
+    label_scores = jnp.take_along_axis(logits, labels[:, None], axis=-1)  # [N, 1]
+    # Rank = how many classes score strictly higher; ties count in the label's favour.
+    rank = jnp.sum(logits > label_scores, axis=-1)
+    return (rank < k).astype(jnp.float32)
+
+
+class MetricWriter:
+    """Appends one JSON object per call to WORKDIR/metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._summary = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                import tensorflow as tf
+
+                self._summary = tf.summary.create_file_writer(workdir)
+            except ImportError:  # TensorBoard events are optional; metrics.jsonl is not.
+                log.warning("TensorFlow is not installed: no TensorBoard event files")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({key: _plain(value) for key, value in metrics.items()})
+        with open(self._path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._summary is not None:
+            import tensorflow as tf
+
+            with self._summary.as_default(step=int(step)):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        tf.summary.scalar(key, value)
+            self._summary.flush()
+
+    def close(self) -> None:
+        if self._summary is not None:
+            self._summary.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class Progress:
+    """The console line: step, loss, images/s and the time left at the current training pace."""
+
+    def __init__(self, total_steps: int, global_batch: int):
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+
+    def line(self, step: int, loss: float, img_per_s: float) -> str:
+        steps_per_s = img_per_s / self.global_batch
+        remaining = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+        return f"step {step}/{self.total_steps}  loss {loss:.4f}  {img_per_s:,.0f} img/s  ETA {_duration(remaining)}"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

@@ -1,0 +1,136 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import optim, parallel, train
+
+IMAGE_SIZE = 64
+NUM_CLASSES = 5
+
+
+def _setup(dropout_rate=0.0):
+    config = config_lib.base_config()
+    config.dropout_rate = dropout_rate
+    config.init = "modern"
+    model = train.create_model(config, NUM_CLASSES)
+    schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
+    tx = optim.make_optimizer(config, schedule)
+    state = train.init_state(model, tx, jax.random.key(0), IMAGE_SIZE)
+    return model, tx, schedule, state
+
+
+def _batch(global_batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.normal(size=(global_batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        "labels": rng.integers(0, NUM_CLASSES, size=(global_batch,)).astype(np.int32),
+    }
+
+
+def _per_device(batch, devices):
+    return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def test_eight_devices_give_the_one_device_update():
+    assert jax.local_device_count() == 8
+    model, tx, schedule, state = _setup()
+    batch = _batch(16)
+    step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)
+    p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
+    rng = jax.random.key(1)
+    state_8, metrics_8 = p_step(state, parallel.shard_to_devices(_per_device(batch, 8)), rng)
+    one_device = jax.pmap(
+        step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
+    )
+    state_1, metrics_1 = one_device(state, jax.tree_util.tree_map(lambda v: v[None], batch), rng)
+    assert int(state_8.step) == int(state_1.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state_8.params), jax.tree_util.tree_leaves(state_1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    moved = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(state_8.params), jax.tree_util.tree_leaves(state.params))
+    ]
+    assert max(moved) > 1e-4  # it did update
+    np.testing.assert_allclose(float(metrics_8["loss"]), float(metrics_1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics_8["top1_acc"]), float(metrics_1["top1_acc"]))
+
+
+def test_step_sees_per_device_batch_and_state_is_one_copy():
+    model, tx, schedule, state = _setup()
+    seen = {}
+
+    def spy(state, batch, rng):
+        seen["images"] = batch["images"].shape
+        seen["labels"] = batch["labels"].shape
+        return train.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
+
+    p_step = jax.pmap(spy, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
+    new_state, _ = p_step(state, parallel.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(0))
+    assert seen == {"images": (2, IMAGE_SIZE, IMAGE_SIZE, 3), "labels": (2,)}
+    # out_axes=None: one state, replicated on all devices, same shapes as before
+    assert jax.tree_util.tree_map(jnp.shape, new_state.params) == jax.tree_util.tree_map(jnp.shape, state.params)
+    assert len(new_state.params["fc8"]["kernel"].sharding.device_set) == 8
+
+
+def test_dropout_masks_differ_across_devices_and_steps():
+    """Same images on every device: with dropout on, the per-device losses must differ."""
+    model, tx, schedule, state = _setup(dropout_rate=0.5)
+
+    def per_device_loss(state, batch, rng):
+        dropout_rng = train.dropout_key(rng, state.step)
+        logits = model.apply({"params": state.params}, batch["images"], train=True, rngs={"dropout": dropout_rng})
+        return train.cross_entropy(logits, batch["labels"])
+
+    p_loss = jax.pmap(per_device_loss, axis_name=parallel.AXIS, in_axes=(None, 0, None))
+    same = jax.tree_util.tree_map(lambda v: np.stack([v] * 8), _batch(2))
+    losses = np.asarray(p_loss(state, same, jax.random.key(0)))
+    assert len(set(losses.round(6).tolist())) == 8
+    later = np.asarray(p_loss(state.replace(step=state.step + 1), same, jax.random.key(0)))
+    assert not np.allclose(losses, later)
+
+
+def test_eval_step_counts_only_unmasked_examples_and_averages_crops():
+    model, tx, schedule, state = _setup()
+    p_eval = jax.pmap(
+        functools.partial(train.eval_step, model=model), axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None
+    )
+    batch = _batch(16)
+    mask = np.ones(16, np.int32)
+    mask[-5:] = 0
+    sums = p_eval(state, _per_device({**batch, "mask": mask}, 8))
+    assert float(sums["num_examples"]) == 11
+    logits = model.apply({"params": state.params}, batch["images"][:11], train=False)
+    expected = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"][:11]).sum())
+    np.testing.assert_allclose(float(sums["loss"]), expected, rtol=1e-4)
+    # a batch of identical crops gives the single-crop result
+    crops = {**batch, "images": np.repeat(batch["images"][:, None], 3, axis=1), "mask": mask}
+    sums_crops = p_eval(state, _per_device(crops, 8))
+    np.testing.assert_allclose(float(sums_crops["loss"]), float(sums["loss"]), rtol=1e-4)
+    assert float(sums_crops["top1_acc"]) == float(sums["top1_acc"])
+
+
+def test_a_few_steps_fit_a_batch():
+    model, tx, schedule, state = _setup()
+    p_train, _ = train.make_steps(model, tx, schedule)
+    batch = parallel.shard_to_devices(_per_device(_batch(16), 8))
+    losses = []
+    for _ in range(8):
+        state, metrics = p_train(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 8
+    assert losses[-1] < losses[0] * 0.7
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_counts_ties_for_the_label(k):
+    from alexnet_jax.metrics import correct_top_k
+
+    logits = jnp.array([[0.1, 0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
+    labels = jnp.array([2, 3])
+    expected = {1: [0, 0], 2: [1, 0], 3: [1, 0]}[k]
+    np.testing.assert_array_equal(np.asarray(correct_top_k(logits, labels, k)), expected)
