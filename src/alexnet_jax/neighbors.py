@@ -1,0 +1,266 @@
+"""The paper's Figure 4: the images whose last hidden layer (fc7) is nearest to a query's.
+
+    python -m alexnet_jax.neighbors --workdir=runs/alexnet --query cat.jpg dog.jpg [--k=6]
+
+For every query image, the k images of the run's validation split (or
+--split=train, as in the paper) whose fc7 activations (4096 values after the
+ReLU) lie nearest in Euclidean distance. Writes a PNG grid, one row per query:
+the query, then its neighbours nearest first, each captioned with its class.
+
+The features are taken with Flax's capture_intermediates, so the model, its
+parameter names and its outputs stay as they are. One pass over the split keeps
+only the k best per query, so memory does not grow with the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from alexnet_jax import model as model_lib
+from alexnet_jax import predict, runinfo
+from alexnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NEIGHBORS_FILE = "neighbors.png"
+FEATURE_LAYER = "fc7"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def fc7_features(module: model_lib.AlexNet, params: Any, images: jax.Array) -> jax.Array:
+    """[N, S, S, 3] -> [N, 4096]: fc7's output after its ReLU (dropout is off in evaluation).
+
+    capture_intermediates records the Dense layer's output; the model applies the
+    ReLU right after it, so applying it here gives exactly the activation fc8 sees.
+    """
+    _, state = module.apply(
+        {"params": params},
+        images,
+        train=False,
+        capture_intermediates=lambda layer, method: layer.name == FEATURE_LAYER and method == "__call__",
+        mutable=["intermediates"],
+    )
+    return jax.nn.relu(state["intermediates"][FEATURE_LAYER]["__call__"][0])
+
+
+def make_feature_fn(classifier: predict.Classifier):
+    """numpy images [N, S, S, 3] -> float64 fc7 features [N, 4096] (float64 for exact distances)."""
+    module = classifier.module()
+    return lambda images: np.asarray(fc7_features(module, classifier.params, images), np.float64)
+
+
+def _examples(split):
+    """tf.data of (encoded image, label) in the split's fixed order."""
+    import tensorflow as tf
+
+    from alexnet_jax.data.sources import FileSplit
+
+    if isinstance(split, FileSplit):
+        dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
+        return dataset.map(lambda path, label: (tf.io.read_file(path), label))
+    import tensorflow_datasets as tfds
+
+    dataset = split.builder.as_dataset(
+        split=split.split, shuffle_files=False, decoders={split.image_key: tfds.decode.SkipDecoding()}
+    )
+    return dataset.map(lambda example: (example[split.image_key], example[split.label_key]))
+
+
+class NearestK:
+    """The k smallest Euclidean distances per query seen so far, and their example indices."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries = queries  # [Q, D]
+        self.query_sq = np.sum(queries * queries, axis=1)[:, None]  # [Q, 1]
+        self.distances = np.full((len(queries), k), np.inf)
+        self.indices = np.full((len(queries), k), -1, np.int64)
+
+    def add(self, features: np.ndarray, first_index: int) -> None:
+        squared = self.query_sq + np.sum(features * features, axis=1)[None] - 2.0 * self.queries @ features.T
+        distances = np.sqrt(np.maximum(squared, 0.0))  # [Q, B]
+        indices = np.broadcast_to(np.arange(first_index, first_index + len(features)), distances.shape)
+        all_distances = np.concatenate([self.distances, distances], axis=1)
+        all_indices = np.concatenate([self.indices, indices], axis=1)
+        order = np.argsort(all_distances, axis=1, kind="stable")[:, : self.distances.shape[1]]
+        self.distances = np.take_along_axis(all_distances, order, axis=1)
+        self.indices = np.take_along_axis(all_indices, order, axis=1)
+
+
+def find_neighbors(
+    classifier: predict.Classifier,
+    query_images: np.ndarray,
+    split,
+    *,
+    k: int = 6,
+    batch_size: int = 64,
+    max_images: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries [Q, S, S, 3] -> (indices [Q, k], distances [Q, k], labels [Q, k]) into `split`."""
+    import tensorflow as tf
+
+    from alexnet_jax.data import augment, pipeline
+
+    pipeline.hide_accelerators_from_tf()
+    features = make_feature_fn(classifier)
+    nearest = NearestK(features(query_images), k)
+    size, resize = classifier.image_size, classifier.resize_size
+    dataset = _examples(split)
+    if max_images > 0:
+        dataset = dataset.take(max_images)
+    dataset = dataset.map(
+        lambda image, label: (augment.eval_image(image, image_size=size, resize_size=resize), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    labels: list[np.ndarray] = []
+    seen = 0
+    batches = dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
+    for batch_index, (images, batch_labels) in enumerate(batches):
+        count = len(images)
+        if count < batch_size:  # one shape for every call: pad, then drop the padding's features
+            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
+        nearest.add(features(images)[:count], seen)
+        labels.append(batch_labels)
+        seen += count
+        if (batch_index + 1) % 50 == 0:
+            log.info("fc7 features of %d images", seen)
+    if seen < k:
+        raise UserError(f"the split has {seen} images, fewer than --k={k}")
+    all_labels = np.concatenate(labels)
+    return nearest.indices, nearest.distances, all_labels[nearest.indices]
+
+
+def fetch_images(split, indices: set[int]) -> dict[int, bytes]:
+    """The encoded images at `indices` of the split (a second, decode-free pass)."""
+    from alexnet_jax.data.sources import FileSplit
+
+    if isinstance(split, FileSplit):
+        return {index: predict.read_image(str(split.paths[index])) for index in indices}
+    found: dict[int, bytes] = {}
+    for index, (image, _) in enumerate(_examples(split).as_numpy_iterator()):
+        if index in indices:
+            found[index] = image
+            if len(found) == len(indices):
+                break
+    return found
+
+
+def _tile(image_bytes: bytes, size: int) -> np.ndarray:
+    """The centre square of an image, resized to size x size, uint8 RGB."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def neighbor_grid(rows: list[list[tuple[bytes, str]]], *, tile: int = 112, gap: int = 4) -> np.ndarray:
+    """rows of (encoded image, caption), query first -> uint8 [H, W, 3], white background.
+
+    A wider gap separates each query from its neighbours.
+    """
+    from PIL import Image, ImageDraw
+
+    caption = 14
+    columns = max(len(row) for row in rows)
+    height = len(rows) * (tile + caption + gap)
+    width = columns * (tile + gap) + 3 * gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row_index, row in enumerate(rows):
+        top = row_index * (tile + caption + gap)
+        for column, (image_bytes, text) in enumerate(row):
+            left = column * (tile + gap) + (3 * gap if column else 0)
+            canvas.paste(Image.fromarray(_tile(image_bytes, tile)), (left, top))
+            limit = max(1, tile // 6)  # the default font is about 6 px a character
+            draw.text(
+                (left + 1, top + tile + 1), text if len(text) <= limit else text[: limit - 1] + "~", fill=(0, 0, 0)
+            )
+    return np.asarray(canvas)
+
+
+def _short(name: str) -> str:
+    return name.split(",")[0].split(" (n")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.neighbors", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run's directory: its newest checkpoint and config.json")
+    source.add_argument("--checkpoint", help="a converted checkpoint; give --dataset and --data_dir too")
+    parser.add_argument("--query", nargs="+", required=True, help="query images (JPEG or PNG)")
+    parser.add_argument("--k", type=int, default=6, help="neighbours per query (the paper shows 6)")
+    parser.add_argument("--split", choices=("validation", "train"), default="validation", help="where to search")
+    parser.add_argument("--dataset", default="", help="default: the run's config.dataset")
+    parser.add_argument("--data_dir", default="", help="default: the run's config.data_dir")
+    parser.add_argument("--max_images", type=int, default=0, help="search only the first N images (0 = all)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--out", default="", help=f"PNG to write (default: WORKDIR/{NEIGHBORS_FILE})")
+    args = parser.parse_args(argv)
+    if not args.out and not args.workdir:
+        parser.error("--checkpoint needs --out=PNG")
+    out = args.out or os.path.join(args.workdir, NEIGHBORS_FILE)
+    try:
+        rows = run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from PIL import Image
+
+    Image.fromarray(neighbor_grid(rows)).save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
+    """Find and print the neighbours; returns the grid's rows."""
+    from alexnet_jax.data import sources
+
+    if args.k < 1:
+        raise UserError(f"--k={args.k} must be at least 1")
+    classifier = predict.load_classifier(args.workdir or args.checkpoint)
+    info = classifier.meta.get("run_info") or {}
+    dataset = args.dataset or info.get("dataset")
+    if not dataset:
+        raise UserError("which images to search is unknown (no config.json): pass --dataset and --data_dir")
+    source = sources.open_source(
+        dataset,
+        data_dir=args.data_dir or info.get("data_dir", ""),
+        eval_split=info.get("eval_split", "validation"),
+    )
+    split = source.train if args.split == "train" else source.eval
+    names = [_short(name) for name in runinfo.display_names(source.class_names, len(source.class_names))]
+    query_bytes = [predict.read_image(path) for path in args.query]
+    size, resize = classifier.image_size, classifier.resize_size
+    queries = np.concatenate([predict.preprocess(b, image_size=size, resize_size=resize) for b in query_bytes])
+    indices, distances, labels = find_neighbors(
+        classifier, queries, split, k=args.k, batch_size=args.batch_size, max_images=args.max_images
+    )
+    images = fetch_images(split, {int(i) for i in indices.ravel()})
+    rows = []
+    for path, image_bytes, row_indices, row_distances, row_labels in zip(
+        args.query, query_bytes, indices, distances, labels
+    ):
+        print(path)
+        row = [(image_bytes, os.path.basename(path))]
+        for rank, (index, distance, label) in enumerate(zip(row_indices, row_distances, row_labels), start=1):
+            where = str(split.paths[index]) if hasattr(split, "paths") else f"{args.split}[{index}]"
+            print(f"  {rank}. distance {distance:9.3f}  {names[label]:<24s} {where}")
+            row.append((images[int(index)], names[label]))
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sys.exit(main())
