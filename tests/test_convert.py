@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import convert, runinfo
+from alexnet_jax import convert, predict, runinfo
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -104,7 +104,7 @@ def test_layout_and_errors(state_dict):
         convert.from_torchvision(broken)
 
 
-def test_cli_writes_a_checkpoint_that_loads_back(state_dict, tmp_path, capsys):
+def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_folder, tmp_path, capsys):
     pth = tmp_path / "alexnet.pth"
     torch.save(state_dict, pth)
     out = tmp_path / "converted"
@@ -121,6 +121,18 @@ def test_cli_writes_a_checkpoint_that_loads_back(state_dict, tmp_path, capsys):
         for name in ("kernel", "bias"):
             assert isinstance(params[layer][name], np.ndarray)
             np.testing.assert_array_equal(params[layer][name], expected[layer][name])
+    # Predicting from it prints ImageNet names and torch's own probabilities for the same pixels.
+    image = sorted((image_folder / "validation").rglob("*.jpg"))[0]
+    assert predict.main([f"--checkpoint={out}", str(image)]) == 0
+    shown = capsys.readouterr().out.splitlines()[1:6]
+    pixels = predict.preprocess(image.read_bytes(), image_size=224, resize_size=256)  # [1, 224, 224, 3]
+    with torch.no_grad():
+        logits = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        probabilities = torch.softmax(logits, dim=-1).numpy()[0]
+    for line, index in zip(shown, np.argsort(-probabilities)[:5]):
+        assert line.endswith(f"({runinfo.imagenet_synsets()[index]})")
+        assert float(line.split()[1].rstrip("%")) == pytest.approx(100 * probabilities[index], abs=0.006)
+
     # Writing over an existing conversion is refused rather than mixed.
     assert convert.main([f"--pth={pth}", f"--out={out}"]) == 2
     assert "already exists" in capsys.readouterr().err

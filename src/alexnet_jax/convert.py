@@ -275,4 +275,6 @@ def _class_names(spec: str, num_classes: int) -> list[str] | None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only directories
     sys.exit(main())

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default="", help="default: the run's config.data_dir")
     parser.add_argument("--max_images", type=int, default=0, help="search only the first N images (0 = all)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--tile", type=int, default=112, help="side of each image in the grid, in pixels")
     parser.add_argument("--out", default="", help=f"PNG to write (default: WORKDIR/{NEIGHBORS_FILE})")
     args = parser.parse_args(argv)
     if not args.out and not args.workdir:
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from PIL import Image
 
-    Image.fromarray(neighbor_grid(rows)).save(out)
+    Image.fromarray(neighbor_grid(rows, tile=args.tile)).save(out)
     print(f"wrote {out}")
     return 0
 
@@ -262,5 +263,6 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only directories
     sys.exit(main())

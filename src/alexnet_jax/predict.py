@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="JPEG or PNG files")
     args = parser.parse_args(argv)
     try:
+        for path in args.images:  # fail before loading the checkpoint
+            if not os.path.isfile(path):
+                raise UserError(f"{path} does not exist")
         classifier = load_classifier(
             args.workdir or args.checkpoint, image_size=args.image_size, resize_size=args.resize_size
         )
@@ -156,5 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only directories
     sys.exit(main())
