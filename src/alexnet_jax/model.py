@@ -13,8 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import fast_ops
+
 VARIANTS = ("paper", "torchvision")
 INITS = ("paper", "modern")
+# How the convolutions and max-pools are differentiated. "fast": hand-written
+# backward passes (fast_ops.py: matmuls, forward convolutions, masks), measured
+# faster on XLA:CPU; "lax": JAX's autodiff of the lax ops. "auto" picks "fast"
+# on the CPU backend and "lax" elsewhere (untested there; cuDNN has fast
+# backward convolutions of its own). The math is the same either way.
+BACKWARD_IMPLS = ("auto", "fast", "lax")
 
 # Layer widths: conv1..conv5 then the two hidden fully connected layers.
 _WIDTHS = {
@@ -123,6 +131,7 @@ class AlexNet(nn.Module):
       "torchvision" (the "one weird trick" widths 64-192-384-256-256, no LRN).
     dtype: the compute dtype; parameters stay float32.
     init_scheme: "paper" (N(0, 0.01) weights, bias 1 in conv2/4/5 and fc6/7) or "modern" (He).
+    backward_impl: one of BACKWARD_IMPLS; the same math and parameters either way, only the speed differs.
     """
 
     variant: str = "paper"
@@ -130,6 +139,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     init_scheme: str = "paper"
+    backward_impl: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -142,8 +152,12 @@ class AlexNet(nn.Module):
                 f"images of {images.shape[1]}x{images.shape[2]} are too small for AlexNet: "
                 f"use at least {min_image_size()}x{min_image_size()}"
             )
+        if self.backward_impl not in BACKWARD_IMPLS:
+            raise ValueError(f"unknown backward_impl {self.backward_impl!r}; expected one of {BACKWARD_IMPLS}")
         widths, groups = _WIDTHS[self.variant], _GROUPS[self.variant]
         lrn = self.variant == "paper"
+        fast = resolve_backward_impl(self.backward_impl) == "fast"
+        conv_fn = fast_ops.conv_general_dilated if fast else None
 
         def conv(x, index, kernel, stride, padding):
             name = f"conv{index + 1}"
@@ -153,6 +167,7 @@ class AlexNet(nn.Module):
                 strides=(stride, stride),
                 padding=((padding, padding), (padding, padding)),
                 feature_group_count=groups[index],
+                conv_general_dilated=conv_fn,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=name,
@@ -160,6 +175,8 @@ class AlexNet(nn.Module):
             )(x)
 
         def pool(x):
+            if fast:
+                return fast_ops.max_pool(x, 3, 2)
             return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
         x = images.astype(self.dtype)  # [N, S, S, 3]
@@ -192,6 +209,13 @@ class AlexNet(nn.Module):
             name=name,
             **_initializers(self.init_scheme, name),
         )
+
+
+def resolve_backward_impl(backward_impl: str) -> str:
+    """ "auto" -> "fast" on the CPU backend (where it is measured faster), else "lax"."""
+    if backward_impl != "auto":
+        return backward_impl
+    return "fast" if jax.default_backend() == "cpu" else "lax"
 
 
 def count_params(params: Any) -> int:
