@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from alexnet_jax import xla_flags
 from alexnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -33,6 +34,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    xla_flags.configure()  # before anything starts a JAX backend
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     logging.getLogger("alexnet_jax").setLevel(logging.INFO)
     from alexnet_jax import train

@@ -1,0 +1,396 @@
+"""Time the project's real pmap'ed train step (and optionally PyTorch's) on synthetic data.
+
+    python bench/train_step.py --model=torchvision --batch_size=32 --image_size=224 --steps=10 --compare_torch
+
+The step is the one training uses: alexnet_jax.train.make_steps over all local
+devices, with the optimizer from alexnet_jax.optim, after compilation. The JAX
+and PyTorch timings alternate in rounds inside one process, so both see the same
+machine load; the medians are reported. The last line printed is one JSON object.
+
+--input=demo instead feeds the step from the real input pipeline on the bundled
+demo digits (tf.data + prefetch_to_device, as train.train_and_evaluate does) and
+reports the loop's step time next to the synthetic-input step time; that mode
+imports TensorFlow, the default mode never does (GPU machines have none), nor
+ml_collections (alexnet_jax.config is not imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+from alexnet_jax import xla_flags  # noqa: E402  (must run before jax initialises its backend)
+
+WEIGHT_DECAY = {"paper": 5e-4, "torchvision": 1e-4}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("torchvision", "paper"), default="torchvision")
+    parser.add_argument("--batch_size", type=int, default=32, help="global batch (over all local devices)")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (JAX and PyTorch alternate)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument(
+        "--backward_impl",
+        default="auto",
+        help="model.BACKWARD_IMPLS entry; a comma list (fast,lax) times each in one run, the first is reported",
+    )
+    parser.add_argument("--input", choices=("synthetic", "demo"), default="synthetic")
+    parser.add_argument("--compare_torch", action="store_true", help="also time PyTorch in the same run")
+    parser.add_argument("--torch_channels_last", action="store_true")
+    parser.add_argument("--torch_compile", action="store_true")
+    parser.add_argument(
+        "--xla_cpu_flags",
+        choices=xla_flags.CPU_PRESETS,
+        default="default",
+        help="XLA:CPU flag preset (see alexnet_jax.xla_flags); 'none' adds nothing",
+    )
+    parser.add_argument("--label", default="", help="free text copied into the JSON line")
+    return parser.parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace) -> types.SimpleNamespace:
+    """The keys optim.make_schedule/make_optimizer and train.create_model read (no ml_collections)."""
+    return types.SimpleNamespace(
+        model=args.model,
+        init="modern",
+        dropout_rate=0.5,
+        dtype=args.dtype,
+        optimizer="sgd",
+        batch_size=args.batch_size,
+        learning_rate=0.01,
+        lr_scaling="none",
+        lr_base_batch_size=256,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=WEIGHT_DECAY[args.model],
+        schedule="constant",
+        lr_drop_epochs=(),
+        lr_drop_factor=0.1,
+        warmup_epochs=0.0,
+    )
+
+
+def import_train():
+    """alexnet_jax.train, even where ml_collections is not installed (it only names it in hints)."""
+    try:
+        import ml_collections  # noqa: F401
+    except ImportError:
+        sys.modules["ml_collections"] = types.SimpleNamespace(ConfigDict=dict)
+    from alexnet_jax import train
+
+    return train
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
+
+
+def peak_device_mb(jax) -> float | None:
+    peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001  (backends without allocator stats raise or return None)
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"] / 2**20)
+    return max(peaks) if peaks else None
+
+
+class JaxBench:
+    """The train step as training builds it, on one fixed synthetic batch."""
+
+    def __init__(self, args, backward_impl: str = "auto"):
+        import jax
+        import numpy as np
+
+        from alexnet_jax import optim, parallel
+
+        self.jax, self.args = jax, args
+        train = import_train()
+        self.train = train
+        config = bench_config(args)
+        devices = jax.local_device_count()
+        if args.batch_size % devices:
+            raise SystemExit(f"--batch_size={args.batch_size} must divide by the {devices} local devices")
+        self.devices, self.per_device = devices, args.batch_size // devices
+        model = train.create_model(config, args.num_classes).clone(backward_impl=backward_impl)
+        schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
+        tx = optim.make_optimizer(config, schedule)
+        init_rng, self.dropout_rng = jax.random.split(jax.random.key(0))
+        self.state = train.init_state(model, tx, init_rng, args.image_size)
+        self.p_train, _ = train.make_steps(model, tx, schedule)
+        rng = np.random.default_rng(0)
+        shape = (devices, self.per_device, args.image_size, args.image_size, 3)
+        host = {
+            "images": rng.standard_normal(shape, dtype=np.float32),
+            "labels": rng.integers(0, args.num_classes, (devices, self.per_device), dtype=np.int32),
+        }
+        self.batch = parallel.shard_to_devices(host)
+        start = time.perf_counter()
+        self.run(1)
+        self.compile_s = time.perf_counter() - start
+        self.run(args.warmup)
+
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` steps; one host sync at the end, as the training loop does."""
+        start = time.perf_counter()
+        metrics = None
+        for _ in range(steps):
+            self.state, metrics = self.p_train(self.state, self.batch, self.dropout_rng)
+        self.jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
+
+    def run_loop(self, batches, steps: int) -> float:
+        start = time.perf_counter()
+        metrics = None
+        for _ in range(steps):
+            self.state, metrics = self.p_train(self.state, next(batches), self.dropout_rng)
+        self.jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
+
+
+class TorchBench:
+    """The same network, per-device batch and SGD update (momentum 0.9, weight decay) in PyTorch.
+
+    PyTorch runs on one device (the first GPU, else the CPU) at JAX's per-device batch.
+    """
+
+    def __init__(self, args, batch_size: int, *, channels_last: bool, compile_model: bool, autocast_bf16: bool):
+        import torch
+        from torch import nn
+
+        self.torch, self.args = torch, args
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.autocast_bf16 = autocast_bf16
+        model = torch_alexnet(nn, args.model, args.num_classes).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=self.memory_format)
+        self.model = model
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.01, momentum=0.9, weight_decay=WEIGHT_DECAY[args.model]
+        )
+        self.forward = torch.compile(model) if compile_model else model
+        generator = torch.Generator().manual_seed(0)
+        self.batch_size = batch_size
+        shape = (batch_size, 3, args.image_size, args.image_size)
+        self.images = torch.randn(shape, generator=generator).to(device, memory_format=self.memory_format)
+        self.labels = torch.randint(0, args.num_classes, (batch_size,), generator=generator).to(device)
+        self.loss_fn = nn.CrossEntropyLoss()
+        start = time.perf_counter()
+        self.run(1)
+        self.compile_s = time.perf_counter() - start
+        self.run(args.warmup)
+
+    def step(self):
+        torch = self.torch
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            loss = self.loss_fn(self.forward(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        loss.item()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def torch_alexnet(nn, variant: str, num_classes: int):
+    """torchvision's AlexNet layer for layer (or the paper's widths, groups and LRN)."""
+    widths = {"paper": (96, 256, 384, 384, 256), "torchvision": (64, 192, 384, 256, 256)}[variant]
+    groups = {"paper": (1, 2, 1, 2, 2), "torchvision": (1, 1, 1, 1, 1)}[variant]
+
+    def lrn():
+        # torch divides alpha by n; the paper does not.
+        return [nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)] if variant == "paper" else []
+
+    c1, c2, c3, c4, c5 = widths
+    features = nn.Sequential(
+        nn.Conv2d(3, c1, 11, stride=4, padding=2, groups=groups[0]),
+        nn.ReLU(inplace=True),
+        *lrn(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(c1, c2, 5, padding=2, groups=groups[1]),
+        nn.ReLU(inplace=True),
+        *lrn(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(c2, c3, 3, padding=1, groups=groups[2]),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c3, c4, 3, padding=1, groups=groups[3]),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c4, c5, 3, padding=1, groups=groups[4]),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2),
+    )
+    return nn.Sequential(
+        features,
+        nn.AdaptiveAvgPool2d((6, 6)),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(c5 * 36, 4096),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(4096, 4096),
+        nn.ReLU(inplace=True),
+        nn.Linear(4096, num_classes),
+    )
+
+
+def demo_batches(args, devices: int):
+    """Real input, as train.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
+    from alexnet_jax import parallel
+    from alexnet_jax.data import pipeline, sources
+
+    source = sources.open_source("demo_digits")
+    aug = pipeline.Augmentation(
+        image_size=args.image_size,
+        resize_size=int(round(args.image_size * 256 / 224)),
+        flip=False,
+        pca_noise_std=0.1,
+    )
+    dataset = pipeline.train_dataset(source.train, aug, per_process_batch=args.batch_size, seed=0)
+    return parallel.prefetch_to_device(pipeline.device_batches(dataset, devices), 2)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    applied = xla_flags.configure(args.xla_cpu_flags)
+    import jax
+
+    from alexnet_jax import model as model_lib
+
+    impls = args.backward_impl.split(",")
+    for impl in impls:
+        if impl not in model_lib.BACKWARD_IMPLS:
+            raise SystemExit(f"--backward_impl={impl} is unknown; use {model_lib.BACKWARD_IMPLS}")
+    jax_benches = {impl: JaxBench(args, impl) for impl in impls}
+    jax_bench = jax_benches[impls[0]]
+    result = {
+        "bench": "train_step",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "per_device_batch": jax_bench.per_device,
+        "image_size": args.image_size,
+        "dtype": args.dtype,
+        "param_dtype": "float32",
+        "input": args.input,
+        "backend": jax.default_backend(),
+        "devices": jax.local_device_count(),
+        "device_kind": jax.local_devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "xla_flags": applied,
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "compile_s": round(jax_bench.compile_s, 2),
+        "backward_impl": args.backward_impl,
+        "backward_impl_resolved": model_lib.resolve_backward_impl(impls[0]),
+        "label": args.label,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    torch_bench = None
+    if args.compare_torch:
+        try:
+            import torch
+        except ImportError:
+            print("torch is not installed: skipping --compare_torch", file=sys.stderr)
+        else:
+            torch_bench = TorchBench(
+                args,
+                jax_bench.per_device,
+                channels_last=args.torch_channels_last,
+                compile_model=args.torch_compile,
+                autocast_bf16=args.dtype == "bfloat16",
+            )
+            result.update(
+                torch_version=torch.__version__,
+                torch_threads=torch.get_num_threads(),
+                torch_device=torch_bench.device,
+                torch_channels_last=args.torch_channels_last,
+                torch_compile=args.torch_compile,
+            )
+
+    impl_times = {impl: [] for impl in impls}
+    jax_times, torch_times = impl_times[impls[0]], []
+    for round_index in range(args.rounds):
+        line = f"round {round_index}:"
+        for impl, bench in jax_benches.items():
+            impl_times[impl].append(bench.run(args.steps) / args.steps)
+            line += f" jax[{impl}] {args.batch_size / impl_times[impl][-1]:.1f} img/s"
+        if torch_bench is not None:
+            torch_times.append(torch_bench.run(args.steps) / args.steps)
+        if torch_times:
+            line += f" torch {torch_bench.batch_size / torch_times[-1]:.1f} img/s"
+        print(line, file=sys.stderr, flush=True)
+
+    step_s = statistics.median(jax_times)
+    flops = model_lib.train_flops_per_image(args.model, args.image_size, args.num_classes)
+    result.update(
+        step_ms=round(1000 * step_s, 2),
+        step_ms_all=[round(1000 * t, 2) for t in jax_times],
+        img_per_s=round(args.batch_size / step_s, 2),
+        train_gflop_per_image=round(flops / 1e9, 4),
+        tflop_per_s=round(args.batch_size * flops / step_s / 1e12, 4),
+    )
+    for impl in impls[1:]:
+        other = statistics.median(impl_times[impl])
+        result[f"img_per_s[{impl}]"] = round(args.batch_size / other, 2)
+        result[f"step_ms_all[{impl}]"] = [round(1000 * t, 2) for t in impl_times[impl]]
+    if torch_times:
+        torch_step = statistics.median(torch_times)
+        result.update(
+            torch_step_ms=round(1000 * torch_step, 2),
+            torch_step_ms_all=[round(1000 * t, 2) for t in torch_times],
+            torch_batch_size=torch_bench.batch_size,
+            torch_img_per_s=round(torch_bench.batch_size / torch_step, 2),
+            # Per device: JAX's images/s over all its devices, divided by the device count.
+            ratio_vs_torch=round(
+                (args.batch_size / step_s / jax_bench.devices) / (torch_bench.batch_size / torch_step), 3
+            ),
+        )
+    if args.input == "demo":
+        batches = demo_batches(args, jax_bench.devices)
+        jax_bench.run_loop(batches, args.warmup + 1)  # fill tf.data's and the device prefetch buffers
+        loop_times, synth_times = [], []
+        for _ in range(args.rounds):
+            loop_times.append(jax_bench.run_loop(batches, args.steps) / args.steps)
+            synth_times.append(jax_bench.run(args.steps) / args.steps)
+        loop_step, synth_step = statistics.median(loop_times), statistics.median(synth_times)
+        result.update(
+            loop_step_ms=round(1000 * loop_step, 2),
+            loop_step_ms_all=[round(1000 * t, 2) for t in loop_times],
+            synthetic_step_ms=round(1000 * synth_step, 2),
+            synthetic_step_ms_all=[round(1000 * t, 2) for t in synth_times],
+            loop_img_per_s=round(args.batch_size / loop_step, 2),
+            loop_vs_synthetic=round(loop_step / synth_step, 3),
+        )
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["peak_device_mb"] = peak_device_mb(jax)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
