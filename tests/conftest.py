@@ -1,8 +1,19 @@
 """Eight fake CPU devices for every test, and small real image folders on disk."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent compilation cache for the whole session, shared with the launch.py
+# subprocesses: the same AlexNet step is compiled once, not once per run.
+_CACHE = tempfile.mkdtemp(prefix="alexnet_jax_test_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 

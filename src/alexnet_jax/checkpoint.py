@@ -21,26 +21,46 @@ log = logging.getLogger(__name__)
 # Config keys that change the shapes of the state: a checkpoint made with other
 # values cannot be continued.
 MODEL_KEYS = ("model", "num_classes", "optimizer")
+BEST_METRIC = "eval/top1_acc"
 
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        policies = ocp.checkpoint_managers
+        # The newest `keep`, plus the best by eval/top1_acc among those saved with eval metrics.
+        preservation = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    reverse=False,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=preservation,
             create=True,
             enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that was killed
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+        """Start an asynchronous save; `metrics` (eval results) rank it for keeping the best."""
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics if metrics and BEST_METRIC in metrics else None,
         )
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

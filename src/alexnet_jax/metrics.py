@@ -98,3 +98,36 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def roll_back(workdir: str, step: int) -> int:
+    """Move records past `step` (work after the checkpoint a run resumes from) aside.
+
+    A run killed after its last checkpoint logged steps it will now redo; keeping
+    them would give two values for one step. They go to metrics.rolled_back.jsonl,
+    not away. The rewrite is atomic (write a copy, then rename). Returns how many moved.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        lines = [line for line in handle if line.strip()]
+    keep, moved = [], []
+    for line in lines:
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError):  # a line cut short by a kill
+            moved.append(line if line.endswith("\n") else line + "\n")
+            continue
+        (keep if record_step <= step else moved).append(line)
+    if not moved:
+        return 0
+    with open(os.path.join(workdir, "metrics.rolled_back.jsonl"), "a") as handle:
+        handle.writelines(moved)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.writelines(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return len(moved)

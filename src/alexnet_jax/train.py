@@ -193,10 +193,14 @@ def model_meta(config: ml_collections.ConfigDict, num_classes: int) -> dict[str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from WORKDIR/checkpoints if there are any), evaluating as configured."""
+    """Train (resuming from WORKDIR/checkpoints if there are any), evaluating as configured.
+
+    Returns the final state. SIGTERM/SIGINT stop it early with a checkpoint (and a normal return).
+    """
     # Imported here so the model and steps above stay importable without TensorFlow.
     from alexnet_jax import checkpoint as checkpoint_lib
     from alexnet_jax import config as config_lib
+    from alexnet_jax import preemption
     from alexnet_jax.data import pipeline, sources
 
     config_lib.validate(config, device_count=jax.device_count())
@@ -233,20 +237,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else steps_per_epoch
     eval_batch = config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
 
-    model = create_model(config, num_classes)
-    schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config, schedule)
-    rng = jax.random.key(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
-    state = init_state(model, tx, init_rng, config.image_size)
-
+    # A checkpoint of another model in this workdir is refused before anything compiles.
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     meta = model_meta(config, num_classes)
     latest = checkpointer.latest_step()
     if latest is not None:
         checkpoint_lib.check_compatible(checkpointer.read_meta(latest), meta, checkpointer.directory)
+
+    model = create_model(config, num_classes)
+    schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(config, schedule)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    state = init_state(model, tx, init_rng, config.image_size)
+    if latest is not None:
         state = checkpointer.restore(latest, state)
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
+        if process_index == 0 and (moved := metrics_lib.roll_back(workdir, latest)):
+            log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, latest)
     start_step = int(jax.device_get(state.step))
 
     aug = pipeline.Augmentation(
@@ -289,6 +296,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config.batch_size,
     )
 
+    def run_eval(step: int) -> dict[str, float]:
+        batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))
+        results = evaluate(p_eval, state, batches)
+        writer.write(step, results)
+        log.info(
+            "step %d  eval loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d examples)",
+            step,
+            results["eval/loss"],
+            100 * results["eval/top1_acc"],
+            100 * results["eval/top5_acc"],
+            results["eval/num_examples"],
+        )
+        return results
+
+    stop_request = preemption.StopRequest().install()
     pending: list[tuple[int, dict]] = []
     timed_steps = 0  # steps in `pending` that the interval's clock covers
     interval_start = time.perf_counter()
@@ -301,32 +323,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 interval_start = time.perf_counter()
             else:
                 timed_steps += 1
+            log_step = step % config.log_every_steps == 0
+            stop = stop_request.requested(at_sync_point=log_step)
             last = step == total_steps
-            do_eval = step % eval_every == 0 or last
-            do_checkpoint = step % checkpoint_every == 0 or last
-            if pending and (step % config.log_every_steps == 0 or do_eval or do_checkpoint):
+            do_eval = (step % eval_every == 0 or last) and not stop
+            do_checkpoint = step % checkpoint_every == 0 or last or stop
+            if pending and (log_step or do_eval or do_checkpoint):
+                # Also the divergence check: raises before a bad state can be saved.
                 summary = summarize_train(pending, interval_start, timed_steps, config.batch_size)
                 writer.write(step, summary)
                 log.info(progress.line(step, summary["train/loss"], summary["train/img_per_s"]))
                 pending.clear()
                 timed_steps = 0
-                interval_start = time.perf_counter()
+            results = run_eval(step) if do_eval else None
             if do_checkpoint:
-                checkpointer.save(step, state, meta)
-            if do_eval:
-                batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))
-                results = evaluate(p_eval, state, batches)
-                writer.write(step, results)
-                log.info(
-                    "step %d  eval loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d examples)",
-                    step,
-                    results["eval/loss"],
-                    100 * results["eval/top1_acc"],
-                    100 * results["eval/top5_acc"],
-                    results["eval/num_examples"],
-                )
+                checkpointer.save(step, state, meta, metrics=results)
+            if stop:
+                checkpointer.wait()
+                log.warning("stopped at step %d on request; checkpoint saved in %s", step, checkpointer.directory)
+                break
+            if do_eval or do_checkpoint:
                 interval_start = time.perf_counter()
     finally:
+        stop_request.restore()
         checkpointer.close()
         writer.close()
     return state

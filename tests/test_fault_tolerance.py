@@ -1,0 +1,230 @@
+"""Never lose a run: real subprocess runs of launch.py stopped with SIGTERM and SIGKILL,
+bitwise exact resume, the divergence stop, checkpoints across device counts."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from conftest import REPO
+
+from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import config as config_lib
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import optim, train
+
+
+def _command(workdir, image_folder, *overrides):
+    return [
+        sys.executable,
+        "-u",
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+        f"--workdir={workdir}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={image_folder}",
+        "--config.image_size=64",
+        "--config.batch_size=8",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=1000",
+        "--config.schedule=cosine",
+        *overrides,
+    ]
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def _run(workdir, image_folder, *overrides, devices=2):
+    result = subprocess.run(
+        _command(workdir, image_folder, *overrides), capture_output=True, text=True, env=_env(devices), timeout=400
+    )
+    return result
+
+
+def _start(workdir, image_folder, *overrides, devices=2):
+    return subprocess.Popen(
+        _command(workdir, image_folder, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(devices),
+    )
+
+
+def _wait_for_line(process, pattern, timeout=300):
+    """Read the child's output until a line matches; returns everything read."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+def _restore_arrays(workdir, step):
+    """The saved train state as numpy arrays (no target: shapes and dtypes from the checkpoint)."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.tree_util.tree_map(np.asarray, restored["state"])
+
+
+def _train_records(workdir):
+    return [r for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_is_bitwise_exact(image_folder, tmp_path):
+    steps = ["--config.num_train_steps=5", "--config.checkpoint_every_steps=100"]
+    straight = _run(tmp_path / "straight", image_folder, *steps)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    interrupted = tmp_path / "interrupted"
+    process = _start(interrupted, image_folder, *steps)
+    _wait_for_line(process, r"step 2/5")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-2000:]
+    match = re.search(r"stopped at step (\d+) on request", output)
+    assert match, output[-2000:]
+    stopped_at = int(match.group(1))
+    assert 2 <= stopped_at < 5
+    assert checkpoint_lib.Checkpointer(str(interrupted)).latest_step() == stopped_at
+
+    resumed = _run(interrupted, image_folder, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {stopped_at}" in resumed.stdout
+
+    a, b = _restore_arrays(tmp_path / "straight", 5), _restore_arrays(interrupted, 5)
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 10  # params and momentum
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)  # bitwise
+    keys = ("train/loss", "train/top1_acc", "train/top5_acc", "train/grad_norm", "train/learning_rate")
+    per_step_a = [(r["step"], [r[k] for k in keys]) for r in _train_records(tmp_path / "straight")]
+    per_step_b = [(r["step"], [r[k] for k in keys]) for r in _train_records(interrupted)]
+    assert per_step_a == per_step_b
+    assert [s for s, _ in per_step_a] == [1, 2, 3, 4, 5]
+
+
+def test_sigkill_mid_run_restarts_from_the_newest_complete_checkpoint_on_another_device_count(image_folder, tmp_path):
+    """Killed on 2 devices while asynchronous saves run every step; resumed on 1 device."""
+    workdir = tmp_path / "run"
+    steps = ["--config.num_train_steps=6", "--config.checkpoint_every_steps=1"]
+    process = _start(workdir, image_folder, *steps, devices=2)
+    _wait_for_line(process, r"step 3/6")
+    time.sleep(0.3)  # somewhere inside the next step or its save
+    process.kill()
+    process.wait(timeout=60)
+    killed_at = max(r["step"] for r in _train_records(workdir))
+
+    resumed = _run(workdir, image_folder, *steps, devices=1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    match = re.search(r"resumed from .* at step (\d+)", resumed.stdout)
+    assert match, resumed.stdout[-2000:]
+    assert 1 <= int(match.group(1)) <= killed_at
+    assert "1 local / 1 total devices" in resumed.stdout
+    # every step logged exactly once; the redone steps' old records were moved aside, not lost
+    assert [r["step"] for r in _train_records(workdir)] == list(range(1, 7))
+    listing = os.listdir(workdir / "checkpoints")
+    assert "6" in listing and not [name for name in listing if "tmp" in name]
+
+
+def test_divergence_stops_with_the_step_and_no_bad_checkpoint(image_folder, tmp_path):
+    workdir = tmp_path / "run"
+    result = _run(
+        workdir,
+        image_folder,
+        "--config.num_train_steps=4",
+        "--config.learning_rate=1e9",
+        "--config.checkpoint_every_steps=1",
+    )
+    assert result.returncode != 0
+    match = re.search(r"training diverged at step (\d+)", result.stderr)
+    assert match, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    bad_step = int(match.group(1))
+    saved = [int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+    assert all(step < bad_step for step in saved)
+    for step in saved:  # and what was saved is finite
+        leaves = jax.tree_util.tree_leaves(_restore_arrays(workdir, step))
+        assert all(np.all(np.isfinite(leaf)) for leaf in leaves if leaf.dtype.kind == "f")
+
+
+def test_a_workdir_of_another_model_is_refused_before_compiling(image_folder, tmp_path):
+    workdir = tmp_path / "run"
+    config = config_lib.base_config()
+    state = {"w": jnp.zeros(3)}
+    checkpointer = checkpoint_lib.Checkpointer(str(workdir))
+    checkpointer.save(1, state, {"model": "paper", "num_classes": 3, "optimizer": "sgd"})
+    checkpointer.close()
+    result = _run(workdir, image_folder, "--config.model=torchvision")
+    assert result.returncode == 2
+    assert "different model" in result.stderr and "model='paper' (now 'torchvision')" in result.stderr
+    assert config.model == "paper"
+
+
+def _small_state():
+    config = config_lib.base_config()
+    config.init = "modern"
+    model = train.create_model(config, 3)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 10, 100))
+    return train.init_state(model, tx, jax.random.key(0), 64)
+
+
+def test_checkpoints_restore_across_device_counts(tmp_path):
+    """One device -> replicated on 8 (as the pmap'ed step leaves it) -> one device again."""
+    state = _small_state().replace(step=jnp.int32(5))
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("batch",)), jax.sharding.PartitionSpec()
+    )
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
+    checkpointer.save(5, state, {"model": "paper"})
+    checkpointer.wait()
+    on_eight = checkpointer.restore(5, jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), state))
+    assert len(on_eight.params["fc6"]["kernel"].sharding.device_set) == 8
+    checkpointer.save(6, on_eight.replace(step=jnp.int32(6)), {"model": "paper"})
+    checkpointer.wait()
+    on_one = checkpointer.restore(6, jax.tree_util.tree_map(lambda x: jax.device_put(x, single), state))
+    checkpointer.close()
+    assert int(on_one.step) == 6
+    assert on_one.params["fc6"]["kernel"].sharding.device_set == {jax.devices()[0]}
+    for a, b in zip(jax.tree_util.tree_leaves(on_one.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_keeps_the_newest_and_the_best(tmp_path):
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+    for step, accuracy in [(1, 0.2), (2, 0.9), (3, 0.5), (4, None), (5, 0.4)]:
+        metrics = None if accuracy is None else {"eval/top1_acc": accuracy}
+        checkpointer.save(step, {"w": jnp.full(2, step)}, {"model": "paper"}, metrics=metrics)
+        checkpointer.wait()
+    assert sorted(checkpointer.all_steps()) == [2, 4, 5]
+    checkpointer.close()
+
+
+def test_roll_back_moves_records_aside(tmp_path):
+    writer = metrics_lib.MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write(step, {"train/loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 6, "train/lo')  # cut short by a kill
+    assert metrics_lib.roll_back(str(tmp_path), 3) == 3
+    assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3]
+    with open(tmp_path / "metrics.rolled_back.jsonl") as handle:
+        moved = handle.read().splitlines()
+    assert [json.loads(line)["step"] for line in moved[:2]] == [4, 5] and len(moved) == 3
