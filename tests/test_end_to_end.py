@@ -52,6 +52,10 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
     assert all(r["train/img_per_s"] >= 0 and r["train/learning_rate"] > 0 for r in records if "train/loss" in r)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    for figure in ("conv1_filters.png", "curves.png"):  # Figure 3 at each eval; curves at the end
+        assert (workdir / figure).stat().st_size > 1000
+    info = json.loads((workdir / "config.json").read_text())
+    assert info["class_names"] == ["class_0", "class_1", "class_2"] and info["model"] == "paper"
 
     capsys.readouterr()
     _run_launch(workdir, *common, "--config.num_train_steps=5", monkeypatch=monkeypatch)

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.init = "paper"  # "paper" or "modern"
     config.dropout_rate = 0.5
     config.dtype = "float32"  # compute dtype; parameters stay float32
+    config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
     # Optimisation.
     config.optimizer = "sgd"
     config.batch_size = 128  # global, over all devices and processes

@@ -42,6 +42,11 @@ class MetricWriter:
             except ImportError:  # TensorBoard events are optional; metrics.jsonl is not.
                 log.warning("TensorFlow is not installed: no TensorBoard event files")
 
+    @property
+    def summary_writer(self) -> Any:
+        """The TensorBoard writer (None on other processes or without TensorFlow), for images."""
+        return self._summary
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

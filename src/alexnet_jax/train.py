@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -200,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Imported here so the model and steps above stay importable without TensorFlow.
     from alexnet_jax import checkpoint as checkpoint_lib
     from alexnet_jax import config as config_lib
-    from alexnet_jax import preemption
+    from alexnet_jax import convert, figures, plot, preemption, runinfo
     from alexnet_jax.data import pipeline, sources
 
     config_lib.validate(config, device_count=jax.device_count())
@@ -249,12 +250,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tx = optim.make_optimizer(config, schedule)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     state = init_state(model, tx, init_rng, config.image_size)
+    if config.init_from and latest is None:  # a resumed run keeps its own weights
+        params = convert.init_params_from(config.init_from, state.params, config.model)
+        state = state.replace(params=params, opt_state=tx.init(params))
+        log.info("initialised from %s", config.init_from)
     if latest is not None:
         state = checkpointer.restore(latest, state)
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
         if process_index == 0 and (moved := metrics_lib.roll_back(workdir, latest)):
             log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, latest)
     start_step = int(jax.device_get(state.step))
+    runinfo.write_run_info(workdir, config, source.class_names, num_classes=num_classes)
 
     aug = pipeline.Augmentation(
         image_size=config.image_size,
@@ -300,6 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))
         results = evaluate(p_eval, state, batches)
         writer.write(step, results)
+        if process_index == 0:  # Figure 3 of the paper, as training goes
+            conv1 = {"conv1": jax.device_get(state.params["conv1"])}
+            figures.write_conv1_filters(workdir, conv1, config.model, step, summary_writer=writer.summary_writer)
         log.info(
             "step %d  eval loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d examples)",
             step,
@@ -348,4 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         stop_request.restore()
         checkpointer.close()
         writer.close()
+    if process_index == 0:
+        try:
+            plot.plot_curves([workdir], os.path.join(workdir, "curves.png"))
+        except Exception as error:  # a figure must never fail a finished run
+            log.warning("could not draw %s/curves.png: %s", workdir, error)
     return state
