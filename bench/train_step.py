@@ -370,6 +370,13 @@ def main(argv=None) -> dict:
                 (args.batch_size / step_s / jax_bench.devices) / (torch_bench.batch_size / torch_step), 3
             ),
         )
+        # Each round's JAX and PyTorch timings ran back to back: their ratio is the least noisy figure.
+        per_round = [
+            (args.batch_size / j / jax_bench.devices) / (torch_bench.batch_size / t)
+            for j, t in zip(jax_times, torch_times)
+        ]
+        result["ratio_per_round"] = [round(r, 3) for r in per_round]
+        result["ratio_median_of_rounds"] = round(statistics.median(per_round), 3)
     if args.input == "demo":
         batches = demo_batches(args, jax_bench.devices)
         jax_bench.run_loop(batches, args.warmup + 1)  # fill tf.data's and the device prefetch buffers

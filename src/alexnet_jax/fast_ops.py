@@ -8,13 +8,15 @@ forward convolution and rewrites the backward pass by hand:
 
 - the filter gradient as one matmul of the input patches (gathered with strided
   slices, no convolution) with the output gradient;
-- the input gradient of a stride-1 convolution as a forward convolution of the
-  output gradient with the flipped, transposed filter. Strided convolutions fall
-  back to lax's own transpose (AlexNet's only strided convolution is conv1, whose
-  input gradient no one asks for).
+- the input gradient as a forward convolution of the output gradient with the
+  flipped, transposed filter.
+
+Only stride-1 convolutions take this path. A strided one (AlexNet's conv1) stays
+lax's: its input gradient is never needed, and lax's filter gradient for it
+measured as fast as the patch matmul or a space-to-depth rewrite.
 
 The math is the convolution's: same parameters and outputs, gradients equal to
-lax's up to float summation order (tests/test_fast_conv.py checks both).
+lax's up to float summation order (tests/test_fast_ops.py checks both).
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ def conv(images: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
 
     images: [N, H, W, C]; kernel: [kh, kw, C / groups, O]; returns [N, H', W', O].
     """
+    if stride != 1:
+        return lax_conv(images, kernel, stride, padding, groups)
     if groups == 1:
-        return _conv(images, kernel, stride, padding)
+        return _conv(images, kernel, padding)
     in_per_group, out_per_group = images.shape[-1] // groups, kernel.shape[-1] // groups
     outputs = [
         _conv(
             images[..., g * in_per_group : (g + 1) * in_per_group],
             kernel[..., g * out_per_group : (g + 1) * out_per_group],
-            stride,
             padding,
         )
         for g in range(groups)
@@ -60,20 +63,19 @@ def conv(images: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     return jnp.concatenate(outputs, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(images, kernel, stride, padding):
-    return lax_conv(images, kernel, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(images, kernel, padding):
+    return lax_conv(images, kernel, 1, padding)
 
 
-def _conv_fwd(images, kernel, stride, padding):
-    return lax_conv(images, kernel, stride, padding), (images, kernel)
+def _conv_fwd(images, kernel, padding):
+    return lax_conv(images, kernel, 1, padding), (images, kernel)
 
 
-def _conv_bwd(stride, padding, residuals, out_grad):
+def _conv_bwd(padding, residuals, out_grad):
     images, kernel = residuals
-    return _input_grad(out_grad, images, kernel, stride, padding), _kernel_grad(
-        out_grad, images, kernel, stride, padding
-    )
+    images_grad = _input_grad(out_grad, kernel, padding).astype(images.dtype)
+    return images_grad, _kernel_grad(out_grad, images, kernel, padding)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -98,10 +100,10 @@ def patches(images: jax.Array, size: tuple[int, int], stride: int, padding: int,
     return jnp.stack(windows, axis=3)
 
 
-def _kernel_grad(out_grad, images, kernel, stride, padding):
+def _kernel_grad(out_grad, images, kernel, padding):
     kh, kw, c, o = kernel.shape
     n, out_h, out_w, _ = out_grad.shape
-    cols = patches(images, (kh, kw), stride, padding, (out_h, out_w)).reshape((n * out_h * out_w, kh * kw * c))
+    cols = patches(images, (kh, kw), 1, padding, (out_h, out_w)).reshape((n * out_h * out_w, kh * kw * c))
     grad = lax.dot_general(
         cols,
         out_grad.reshape((n * out_h * out_w, o)).astype(cols.dtype),
@@ -111,15 +113,11 @@ def _kernel_grad(out_grad, images, kernel, stride, padding):
     return grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _input_grad(out_grad, images, kernel, stride, padding):
+def _input_grad(out_grad, kernel, padding):
     kh, kw = kernel.shape[:2]
-    if stride != 1:
-        _, vjp = jax.vjp(lambda x: lax_conv(x, kernel, stride, padding), images)
-        return vjp(out_grad)[0]
     flipped = jnp.flip(kernel, (0, 1)).transpose((0, 1, 3, 2)).astype(out_grad.dtype)  # [kh, kw, O, C]
     pads = ((kh - 1 - padding, kh - 1 - padding), (kw - 1 - padding, kw - 1 - padding))
-    grad = lax.conv_general_dilated(out_grad, flipped, (1, 1), pads, dimension_numbers=_DIMENSIONS)
-    return grad.astype(images.dtype)
+    return lax.conv_general_dilated(out_grad, flipped, (1, 1), pads, dimension_numbers=_DIMENSIONS)
 
 
 def conv_general_dilated(
