@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.random_flip = True
     config.pca_noise_std = 0.1  # the paper's colour jitter; 0 turns it off
     config.eval_crops = 1  # 1 = centre crop
+    config.skip_bad_images = False  # image folders: drop (and log) truncated or non-image files instead of stopping
     # Model.
     config.model = "paper"  # "paper" or "torchvision"
     config.init = "paper"  # "paper" or "modern"

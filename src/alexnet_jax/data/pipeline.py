@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from alexnet_jax.data import augment
 from alexnet_jax.data.sources import FileSplit, TfdsSplit
+from alexnet_jax.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 TFDS_SHUFFLE_BUFFER = 10_000
@@ -187,6 +188,20 @@ def eval_dataset(
 
 
 def device_batches(dataset: tf.data.Dataset, local_device_count: int) -> Iterator[dict[str, np.ndarray]]:
-    """numpy batches reshaped to [local_devices, per_device_batch, ...] for the pmap'ed step."""
-    for batch in dataset.as_numpy_iterator():
+    """numpy batches reshaped to [local_devices, per_device_batch, ...] for the pmap'ed step.
+
+    An image that passed the source's cheap check but still fails to decode
+    (corrupt in the middle) stops the run with a UserError, not a bare TF traceback.
+    """
+    iterator = dataset.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as error:
+            raise UserError(
+                f"an image failed to decode ({error.message.splitlines()[0]}); find it with "
+                "python -m alexnet_jax.data.resize --check --data_dir=ROOT, then replace or delete it"
+            ) from None
         yield {key: value.reshape((local_device_count, -1) + value.shape[1:]) for key, value in batch.items()}

@@ -7,7 +7,9 @@ and augmentation happen later, in the pipeline, so a crop can be decoded alone.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,15 @@ from alexnet_jax.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLIT_DIRS = ("validation", "val")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND"
+# The end marker must lie in the file's last bytes: encoders may pad a little after it.
+TAIL_BYTES = 1024
+BAD_IMAGES_SHOWN = 10
+
+log = logging.getLogger("alexnet_jax.data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +73,20 @@ def open_source(
     train_split: str = "train",
     eval_split: str = "validation",
     download: bool = False,
+    skip_bad_images: bool = False,
 ) -> Source:
-    """Resolve a dataset name to a Source, failing early with what to do."""
+    """Resolve a dataset name to a Source, failing early with what to do.
+
+    skip_bad_images: an image folder's unreadable files (truncated, not an image)
+    are dropped and logged instead of stopping the run. TFDS datasets were
+    validated when they were prepared, so it does not apply to them.
+    """
     if dataset == "image_folder":
-        return image_folder(data_dir)
+        return image_folder(data_dir, skip_bad_images=skip_bad_images)
     if dataset == "demo_digits":
         from alexnet_jax.data import demo
 
-        return image_folder(str(demo.write_digits(data_dir or None)))
+        return image_folder(str(demo.write_digits(data_dir or None)), skip_bad_images=skip_bad_images)
     return tfds_source(
         dataset,
         data_dir=data_dir,
@@ -80,8 +97,13 @@ def open_source(
     )
 
 
-def image_folder(root: str) -> Source:
-    """ROOT/train/<class>/* and ROOT/validation/<class>/* (or val/), JPEG and PNG files."""
+def image_folder(root: str, *, skip_bad_images: bool = False) -> Source:
+    """ROOT/train/<class>/* and ROOT/validation/<class>/* (or val/), JPEG and PNG files.
+
+    Every file is checked first (find_bad_images): a bad one stops here with its
+    name, rather than as a decode error deep inside tf.data, unless
+    skip_bad_images, which drops and logs it.
+    """
     root_path = Path(root).expanduser()
     train_dir = root_path / "train"
     if not train_dir.is_dir():
@@ -104,12 +126,69 @@ def image_folder(root: str) -> Source:
             f"{eval_dir} has classes that train/ lacks: {unknown[:5]}; every evaluation class "
             "needs a training directory of the same name"
         )
-    return Source(
-        name=f"image_folder:{root_path}",
-        class_names=class_names,
-        train=_list_files(train_dir, class_names),
-        eval=_list_files(eval_dir, class_names),
-    )
+    train = _list_files(train_dir, class_names)
+    evaluation = _list_files(eval_dir, class_names)
+    bad = find_bad_images(np.concatenate([train.paths, evaluation.paths]))
+    if bad:
+        train, evaluation = _handle_bad_images(bad, train, evaluation, skip=skip_bad_images)
+    return Source(name=f"image_folder:{root_path}", class_names=class_names, train=train, eval=evaluation)
+
+
+def check_image(path: str) -> str | None:
+    """Why `path` cannot be trained on, or None if it looks whole.
+
+    Cheap (two small reads, no decode): the format comes from the magic bytes, not
+    the name, so a PNG named .JPEG is fine; a JPEG without its end marker or a PNG
+    without its IEND chunk is truncated. CMYK JPEGs decode to RGB and pass.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(PNG_MAGIC))
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - TAIL_BYTES))
+            tail = handle.read()
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if head.startswith(JPEG_MAGIC):
+        return None if JPEG_END in tail else "truncated JPEG (no end marker)"
+    if head.startswith(PNG_MAGIC):
+        return None if PNG_END in tail else "truncated PNG (no IEND chunk)"
+    if size == 0:
+        return "empty file"
+    return "not a JPEG or PNG image"
+
+
+def find_bad_images(paths, *, threads: int = 32) -> list[tuple[str, str]]:
+    """[(path, reason)] for every file check_image rejects, in the order given.
+
+    Threads overlap the file opens, which dominate on network file systems.
+    """
+    with ThreadPoolExecutor(threads) as pool:
+        reasons = list(pool.map(check_image, [str(path) for path in paths], chunksize=256))
+    return [(str(path), reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def _handle_bad_images(
+    bad: list[tuple[str, str]], train: FileSplit, evaluation: FileSplit, *, skip: bool
+) -> tuple[FileSplit, FileSplit]:
+    listing = "; ".join(f"{path}: {reason}" for path, reason in bad[:BAD_IMAGES_SHOWN])
+    more = f"; and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
+    if not skip:
+        raise UserError(
+            f"{len(bad)} bad image file(s): {listing}{more}. Replace or delete them, or set "
+            "--config.skip_bad_images=True to skip them"
+        )
+    for path, reason in bad:
+        log.warning("skipping bad image %s: %s", path, reason)
+    log.warning("skipped %d bad image file(s) (config.skip_bad_images=True)", len(bad))
+    names = {path for path, _ in bad}
+    kept = []
+    for split in (train, evaluation):
+        keep = np.array([path not in names for path in split.paths], bool)
+        if not keep.any():
+            raise UserError(f"every image of a split was bad ({listing}{more}); nothing is left to read")
+        kept.append(FileSplit(split.paths[keep], split.labels[keep]))
+    return kept[0], kept[1]
 
 
 def _list_files(split_dir: Path, class_names: tuple[str, ...]) -> FileSplit:
