@@ -15,6 +15,9 @@ from alexnet_jax.errors import UserError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run started by hand.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run started by hand.")
+flags.DEFINE_integer("process_id", None, "This process's index (0 .. num_processes - 1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,9 +40,11 @@ def main(argv: list[str]) -> None:
     xla_flags.configure()  # before anything starts a JAX backend
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     logging.getLogger("alexnet_jax").setLevel(logging.INFO)
-    from alexnet_jax import train
+    from alexnet_jax import parallel, train
 
     try:
+        # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

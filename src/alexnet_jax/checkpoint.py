@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from alexnet_jax import parallel
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save; `metrics` (eval results) rank it for keeping the best."""
+        state = parallel.to_global(state)  # several processes: Orbax wants global arrays
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

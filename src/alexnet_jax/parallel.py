@@ -48,3 +48,111 @@ def describe() -> str:
         f"{jax.local_device_count()} local / {jax.device_count()} total devices "
         f"({jax.devices()[0].platform})"
     )
+
+
+# Environment variables that say a run spans several processes and that
+# jax.distributed.initialize() can read its cluster from without arguments.
+_CLUSTER_HINTS = {
+    "SLURM": ("SLURM_NTASKS",),
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE",),
+}
+
+
+def _detected_cluster() -> str | None:
+    import os
+
+    for name, variables in _CLUSTER_HINTS.items():
+        for variable in variables:
+            try:
+                if int(os.environ.get(variable, "1")) > 1:
+                    return name
+            except ValueError:
+                continue
+    # A Cloud TPU pod slice: each host sees the worker list of the whole slice.
+    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hostnames.split(",") if h]) > 1:
+        return "Cloud TPU pod"
+    return None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Start jax.distributed when the run spans several processes; call before any computation.
+
+    Explicit flags win; otherwise a TPU pod slice, SLURM or Open MPI job is
+    detected and JAX reads the cluster from its environment. Returns whether
+    the distributed runtime was started.
+    """
+    explicit = coordinator_address or (num_processes or 1) > 1
+    cluster = None if explicit else _detected_cluster()
+    if not explicit and cluster is None:
+        return False
+    # CPU processes need a collectives implementation to reduce across processes;
+    # accelerator backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if not coordinator_address or not num_processes or process_id is None:
+            from alexnet_jax.errors import UserError
+
+            raise UserError(
+                "a multi-process run by hand needs all of --coordinator_address=HOST:PORT, "
+                "--num_processes=N and --process_id=I (0 <= I < N)"
+            )
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    else:
+        log.info("detected a %s job: starting jax.distributed from its environment", cluster)
+        jax.distributed.initialize()
+    return True
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(tree):
+    """Process-local replicated arrays (what the pmap'ed step returns) -> global arrays for Orbax.
+
+    With one process this is the identity. With several, every process holds
+    the same values on its local devices; the global array is replicated over
+    all devices of all processes.
+    """
+    if jax.process_count() == 1:
+        return tree
+    local = _replicated(local_mesh())
+    global_sharding = _replicated(Mesh(np.array(jax.devices()), (AXIS,)))
+
+    def convert(leaf):
+        leaf = jax.device_put(leaf, local)  # a no-op for the step's outputs
+        shards = [shard.data for shard in leaf.addressable_shards]
+        return jax.make_array_from_single_device_arrays(leaf.shape, global_sharding, shards)
+
+    return jax.tree_util.tree_map(convert, tree)
+
+
+def global_target(tree):
+    """Shape/dtype/sharding structs to restore `tree` as global replicated arrays (several processes)."""
+    sharding = _replicated(Mesh(np.array(jax.devices()), (AXIS,)))
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
+def to_local(tree):
+    """Global replicated arrays -> the same values replicated over this process's devices."""
+    if jax.process_count() == 1:
+        return tree
+    local = _replicated(local_mesh())
+
+    def convert(leaf):
+        shards = [shard.data for shard in leaf.addressable_shards]
+        return jax.make_array_from_single_device_arrays(leaf.shape, local, shards)
+
+    return jax.tree_util.tree_map(convert, tree)
+
+
+def replicate(tree):
+    """Copy a state onto every local device, as the pmap'ed step keeps it.
+
+    Doing it once up front means the step never reshards its input; with several
+    processes it is also required for the step to donate the old state's buffers.
+    """
+    return jax.device_put(tree, _replicated(local_mesh()))

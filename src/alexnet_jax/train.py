@@ -259,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
         if process_index == 0 and (moved := metrics_lib.roll_back(workdir, latest)):
             log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, latest)
+    state = parallel.replicate(state)
     start_step = int(jax.device_get(state.step))
     runinfo.write_run_info(workdir, config, source.class_names, num_classes=num_classes)
 
