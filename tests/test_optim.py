@@ -63,3 +63,34 @@ def test_sgd_matches_the_papers_update_rule():
         w_ref = w_ref + v
     np.testing.assert_allclose(np.asarray(w["w"]), w_ref, rtol=1e-5)
     assert jax.tree_util.tree_structure(w) is not None
+
+
+def test_lars_masks_biases_out_of_decay_and_trust_ratio():
+    config = _config(optimizer="lars", schedule="constant", learning_rate=1.0, weight_decay=0.1)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 1, 10))
+    params = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.full((2,), 3.0)}
+    grads = {"kernel": jnp.full((2, 2), 1e-3), "bias": jnp.full((2,), 1e-3)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # bias: plain momentum SGD on the gradient alone (no decay, no trust ratio)
+    np.testing.assert_allclose(np.asarray(updates["bias"]), -1e-3, rtol=1e-5)
+    # kernel: trust ratio ||w|| / ||g + wd w|| times the coefficient, with decay in the direction
+    w, g = np.full((2, 2), 3.0), np.full((2, 2), 1e-3)
+    direction = g + 0.1 * w
+    ratio = 0.001 * np.linalg.norm(w) / np.linalg.norm(direction)
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), -ratio * direction, rtol=1e-4)
+
+
+def test_large_batch_config_scales_lars_lr_to_the_global_batch():
+    import importlib.util
+    import os
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("large_batch", os.path.join(REPO, "configs", "large_batch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.optimizer == "lars" and config.batch_size == 8192
+    assert optim.base_learning_rate(config) == pytest.approx(0.25 * 32)
+    schedule = optim.make_schedule(config, steps_per_epoch=156, total_steps=156 * 95)
+    assert float(schedule(0)) == 0.0 and float(schedule(156 * 5)) == pytest.approx(8.0, rel=1e-3)

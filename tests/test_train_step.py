@@ -134,3 +134,23 @@ def test_top_k_counts_ties_for_the_label(k):
     labels = jnp.array([2, 3])
     expected = {1: [0, 0], 2: [1, 0], 3: [1, 0]}[k]
     np.testing.assert_array_equal(np.asarray(correct_top_k(logits, labels, k)), expected)
+
+
+def test_shard_map_path_gives_the_pmap_update_on_eight_devices():
+    model, tx, schedule, state = _setup(dropout_rate=0.5)  # dropout on: the keys must match too
+    batch = parallel.shard_to_devices(_per_device(_batch(16, seed=3), 8))
+    rng = jax.random.key(7)
+    results = {}
+    for parallelism in ("pmap", "shard_map"):
+        p_train, p_eval = train.make_steps(model, tx, schedule, parallelism)
+        start = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state))  # the step donates it
+        new_state, metrics = p_train(start, batch, rng)
+        sums = p_eval(new_state, {**batch, "mask": parallel.shard_to_devices({"m": np.ones((8, 2), np.int32)})["m"]})
+        results[parallelism] = (jax.device_get(new_state), jax.device_get(metrics), jax.device_get(sums))
+    (state_p, metrics_p, sums_p), (state_s, metrics_s, sums_s) = results["pmap"], results["shard_map"]
+    assert int(state_s.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state_p), jax.tree_util.tree_leaves(state_s)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics_p["loss"], metrics_s["loss"], rtol=1e-6)
+    for key in sums_p:
+        np.testing.assert_allclose(sums_p[key], sums_s[key], rtol=1e-5)

@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # compute dtype; parameters stay float32
     config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
     # Optimisation.
-    config.optimizer = "sgd"
+    config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
+    config.lars_trust_coefficient = 0.001
+    config.parallelism = "pmap"  # "pmap" or "shard_map" (jax.jit(jax.shard_map(...)) over a mesh)
     config.batch_size = 128  # global, over all devices and processes
     config.eval_batch_size = -1  # -1 = batch_size
     config.learning_rate = 0.01
@@ -63,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1) -> None:
     """Reject impossible settings with a message that says what to do.
 
     Runs before any data is read or anything is compiled.
@@ -82,6 +84,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
         fail(f"config.schedule={config.schedule!r} is unknown; use one of {optim.SCHEDULES}")
     if config.optimizer not in optim.OPTIMIZERS:
         fail(f"config.optimizer={config.optimizer!r} is unknown; use one of {optim.OPTIMIZERS}")
+    if config.parallelism not in ("pmap", "shard_map"):
+        fail(f"config.parallelism={config.parallelism!r} is unknown; use 'pmap' or 'shard_map'")
+    if config.parallelism == "shard_map" and process_count > 1:
+        fail("config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs")
     if config.lr_scaling not in ("none", "linear"):
         fail(f"config.lr_scaling={config.lr_scaling!r} is unknown; use 'none' or 'linear'")
     minimum = model_lib.min_image_size()

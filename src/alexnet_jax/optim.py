@@ -8,7 +8,7 @@ import jax
 import optax
 
 SCHEDULES = ("step", "cosine", "constant")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "lars")
 
 
 def base_learning_rate(config: Any) -> float:
@@ -60,4 +60,21 @@ def make_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTrans
             optax.add_decayed_weights(config.weight_decay),
             optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
         )
+    if config.optimizer == "lars":
+        # You, Gitman & Ginsburg 2017: a per-layer trust ratio ||w|| / ||g + wd w||. Biases
+        # (1-D parameters) get neither weight decay nor the trust ratio.
+        return optax.lars(
+            schedule,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=weights_only,
+            trust_coefficient=config.lars_trust_coefficient,
+            trust_ratio_mask=weights_only,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
     raise ValueError(f"unknown optimizer {config.optimizer!r}; expected one of {OPTIMIZERS}")
+
+
+def weights_only(params: Any) -> Any:
+    """True for kernels, False for biases: the mask LARS uses for decay and trust ratio."""
+    return jax.tree_util.tree_map(lambda leaf: leaf.ndim > 1, params)

@@ -136,17 +136,51 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: model_li
     return lax.psum(sums, AXIS)
 
 
-def make_steps(model, tx, schedule):
-    """The pmap'ed train and eval steps; the train step donates the old state's buffers."""
-    p_train = jax.pmap(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule),
-        axis_name=AXIS,
-        in_axes=(None, 0, None),
-        out_axes=None,
-        donate_argnums=(0,),
+def make_steps(model, tx, schedule, parallelism: str = "pmap"):
+    """The train and eval steps over the local devices; the train step donates the old state.
+
+    Both take (state, batch[, rng]) with the batch as [local_devices, per_device, ...].
+    "pmap": jax.pmap with a named axis. "shard_map": the same per-device functions as
+    jax.jit(jax.shard_map(...)) over a one-axis mesh, the path JAX recommends now that
+    pmap is in maintenance mode (single process only, for now).
+    """
+    train_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
+    eval_fn = functools.partial(eval_step, model=model)
+    if parallelism == "pmap":
+        p_train = jax.pmap(train_fn, axis_name=AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,))
+        p_eval = jax.pmap(eval_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+        return p_train, p_eval
+    if parallelism == "shard_map":
+        return _shard_map_steps(train_fn, eval_fn)
+    raise ValueError(f"unknown parallelism {parallelism!r}; expected 'pmap' or 'shard_map'")
+
+
+def _shard_map_steps(train_fn, eval_fn):
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+    # check_vma=False: the hand-written conv VJPs (fast_ops) return plain gradients that
+    # the varying-axes checker cannot type; the step's pmean makes the outputs replicated.
+
+    def squeeze(batch):  # each device's block is [1, per_device, ...]; pmap drops that axis
+        return jax.tree_util.tree_map(lambda x: x[0], batch)
+
+    sharded_train = jax.shard_map(
+        lambda state, batch, rng: train_fn(state, squeeze(batch), rng),
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P()),
+        out_specs=(P(), P()),
+        check_vma=False,
     )
-    p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name=AXIS, in_axes=(None, 0), out_axes=None)
-    return p_train, p_eval
+    sharded_eval = jax.shard_map(
+        lambda state, batch: eval_fn(state, squeeze(batch)),
+        mesh=mesh,
+        in_specs=(P(), P(AXIS)),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.jit(sharded_train, donate_argnums=(0,)), jax.jit(sharded_eval)
 
 
 def evaluate(p_eval, state: TrainState, batches) -> dict[str, float]:
@@ -204,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from alexnet_jax import convert, figures, plot, preemption, runinfo
     from alexnet_jax.data import pipeline, sources
 
-    config_lib.validate(config, device_count=jax.device_count())
+    config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     log.info("devices: %s", parallel.describe())
     process_count, process_index = jax.process_count(), jax.process_index()
     local_devices = jax.local_device_count()
@@ -289,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_batches = parallel.prefetch_to_device(
         pipeline.device_batches(train_ds, local_devices), config.prefetch_to_device
     )
-    p_train, p_eval = make_steps(model, tx, schedule)
+    p_train, p_eval = make_steps(model, tx, schedule, config.parallelism)
     writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
     progress = metrics_lib.Progress(total_steps, config.batch_size)
     log.info(
