@@ -1,7 +1,7 @@
 """Large-batch AlexNet on ImageNet with LARS: global batch 8,192 across a pod slice.
 
     # on every host of a TPU v4-64 slice (jax.distributed starts from the TPU environment):
-    python launch.py --config=configs/large_batch.py --workdir=gs://BUCKET/runs/lars8k \
+    python launch.py --config=configs/large_batch.py --workdir=/mnt/shared/runs/lars8k \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
 Hardware: a TPU pod slice or a multi-node GPU cluster (32+ accelerators); the
