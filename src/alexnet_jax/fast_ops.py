@@ -7,13 +7,14 @@ they were most of the gap to PyTorch (REFERENCE.md). This module keeps the
 forward convolution and rewrites the backward pass by hand:
 
 - the filter gradient as one matmul of the input patches (gathered with strided
-  slices, no convolution) with the output gradient;
-- the input gradient as a forward convolution of the output gradient with the
-  flipped, transposed filter.
-
-Only stride-1 convolutions take this path. A strided one (AlexNet's conv1) stays
-lax's: its input gradient is never needed, and lax's filter gradient for it
-measured as fast as the patch matmul or a space-to-depth rewrite.
+  slices, no convolution) with the output gradient. For a strided convolution
+  (AlexNet's conv1) the patches are gathered channels-first, so the matmul's
+  operands are already [K, M] and [M, N]: XLA:CPU ran the transposed-operand
+  form about 2x slower;
+- the input gradient of a stride-1 convolution as a forward convolution of the
+  output gradient with the flipped, transposed filter. A strided convolution
+  keeps lax's transpose (conv1's input gradient is never asked for, and XLA
+  drops it).
 
 The math is the convolution's: same parameters and outputs, gradients equal to
 lax's up to float summation order (tests/test_fast_ops.py checks both).
@@ -47,15 +48,14 @@ def conv(images: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
 
     images: [N, H, W, C]; kernel: [kh, kw, C / groups, O]; returns [N, H', W', O].
     """
-    if stride != 1:
-        return lax_conv(images, kernel, stride, padding, groups)
     if groups == 1:
-        return _conv(images, kernel, padding)
+        return _conv(images, kernel, stride, padding)
     in_per_group, out_per_group = images.shape[-1] // groups, kernel.shape[-1] // groups
     outputs = [
         _conv(
             images[..., g * in_per_group : (g + 1) * in_per_group],
             kernel[..., g * out_per_group : (g + 1) * out_per_group],
+            stride,
             padding,
         )
         for g in range(groups)
@@ -63,19 +63,22 @@ def conv(images: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     return jnp.concatenate(outputs, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(images, kernel, padding):
-    return lax_conv(images, kernel, 1, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(images, kernel, stride, padding):
+    return lax_conv(images, kernel, stride, padding)
 
 
-def _conv_fwd(images, kernel, padding):
-    return lax_conv(images, kernel, 1, padding), (images, kernel)
+def _conv_fwd(images, kernel, stride, padding):
+    return lax_conv(images, kernel, stride, padding), (images, kernel)
 
 
-def _conv_bwd(padding, residuals, out_grad):
+def _conv_bwd(stride, padding, residuals, out_grad):
     images, kernel = residuals
-    images_grad = _input_grad(out_grad, kernel, padding).astype(images.dtype)
-    return images_grad, _kernel_grad(out_grad, images, kernel, padding)
+    if stride == 1:
+        images_grad = _input_grad(out_grad, kernel, padding).astype(images.dtype)
+        return images_grad, _kernel_grad(out_grad, images, kernel, padding)
+    _, vjp = jax.vjp(lambda x: lax_conv(x, kernel, stride, padding), images)
+    return vjp(out_grad)[0], _strided_kernel_grad(out_grad, images, kernel, stride, padding)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -110,6 +113,27 @@ def _kernel_grad(out_grad, images, kernel, padding):
         (((0,), (0,)), ((), ())),
         preferred_element_type=jnp.float32,
     )  # [kh * kw * C, O]
+    return grad.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _strided_kernel_grad(out_grad, images, kernel, stride, padding):
+    kh, kw, c, o = kernel.shape
+    n, out_h, out_w, _ = out_grad.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0))).transpose((3, 0, 1, 2))
+    windows = [
+        lax.slice(
+            padded,
+            (0, 0, i, j),
+            (c, n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1),
+            (1, 1, stride, stride),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = jnp.stack(windows).reshape((kh * kw * c, n * out_h * out_w))  # [kh * kw * C, N * H' * W']
+    grad = jnp.dot(
+        cols, out_grad.reshape((n * out_h * out_w, o)).astype(cols.dtype), preferred_element_type=jnp.float32
+    )
     return grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
