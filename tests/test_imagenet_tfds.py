@@ -1,0 +1,105 @@
+"""ImageNet through the real TFDS imagenet2012 builder, on a miniature set of ILSVRC-format tars."""
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+from conftest import REPO
+
+from alexnet_jax.data import pipeline, sources
+
+SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
+PER_SYNSET = 4
+NUM_VAL = 7
+
+
+def _jpeg(rng, mode="RGB"):
+    from PIL import Image
+
+    height, width = rng.integers(70, 110, size=2)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_ilsvrc_tars(manual_dir):
+    """ILSVRC2012_img_train.tar (one tar per synset inside) and ILSVRC2012_img_val.tar, as image-net.org ships them."""
+    rng = np.random.default_rng(0)
+    manual_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for synset in SYNSETS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+                for index in range(PER_SYNSET):
+                    # One CMYK JPEG, as the real set has: TFDS re-encodes it (or our decode copes).
+                    mode = "CMYK" if (synset, index) == (SYNSETS[1], 0) else "RGB"
+                    _add(synset_tar, f"{synset}_{index + 1}.JPEG", _jpeg(rng, mode))
+            _add(train_tar, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val_tar:
+        for index in range(1, NUM_VAL + 1):
+            _add(val_tar, f"ILSVRC2012_val_{index:08d}.JPEG", _jpeg(rng))
+    return manual_dir
+
+
+def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
+    manual_dir = write_ilsvrc_tars(tmp_path / "manual")
+    data_dir = tmp_path / "tfds"
+    source = sources.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    assert source.num_classes == 1000 and source.class_names[:3] == SYNSETS
+    assert source.train.num_examples == len(SYNSETS) * PER_SYNSET
+    assert source.eval.num_examples == NUM_VAL
+    # Prepared once: opening again reads the records without touching the tars.
+    (manual_dir / "ILSVRC2012_img_train.tar").unlink()
+    again = sources.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    assert again.eval.num_examples == NUM_VAL
+
+    aug = pipeline.Augmentation(image_size=63, resize_size=72)
+    train = pipeline.train_dataset(source.train, aug, per_process_batch=8, seed=0).as_numpy_iterator()
+    labels = []
+    for _ in range(3):  # 24 > 12 examples: the stream repeats
+        batch = next(train)
+        assert batch["images"].shape == (8, 63, 63, 3) and np.isfinite(batch["images"]).all()
+        labels.extend(batch["labels"].tolist())
+    assert set(labels) == {0, 1, 2}
+
+    batches = list(pipeline.eval_dataset(source.eval, aug, per_process_batch=4).as_numpy_iterator())
+    assert len(batches) == 2  # 7 examples, one padded slot
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == NUM_VAL
+    val_labels = np.concatenate([b["labels"] for b in batches])[mask == 1]
+    assert ((val_labels >= 0) & (val_labels < 1000)).all()
+    assert len(set(val_labels.tolist())) > 1  # the real labels TFDS ships, not a constant
+
+
+def test_launch_without_tars_stops_at_once(tmp_path):
+    """One line naming both tars and where they were looked for; nothing compiled, no traceback."""
+    empty, empty2 = tmp_path / "data", tmp_path / "manual"
+    empty.mkdir()
+    empty2.mkdir()
+    command = [
+        sys.executable,
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'default.py')}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data_dir={empty}",
+        f"--config.manual_dir={empty2}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any state was made
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "ILSVRC2012_img_train.tar" in errors[0] and "ILSVRC2012_img_val.tar" in errors[0]
+    assert str(empty2) in errors[0] and "--config.manual_dir" in errors[0]
+    assert "Traceback" not in result.stderr + result.stdout
