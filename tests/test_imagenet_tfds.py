@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 from conftest import REPO
 
-from alexnet_jax.data import pipeline, sources
+from alexnet_jax.data import pipeline, resize, sources
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
 PER_SYNSET = 4
@@ -79,6 +79,13 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     val_labels = np.concatenate([b["labels"] for b in batches])[mask == 1]
     assert ((val_labels >= 0) & (val_labels < 1000)).all()
     assert len(set(val_labels.tolist())) > 1  # the real labels TFDS ships, not a constant
+
+    # A pre-resized image-folder copy keeps all 1,000 classes in label order, and every example.
+    resize.write_resized(str(data_dir), str(tmp_path / "copy"), size=80, dataset="imagenet2012", workers=1)
+    copy = sources.image_folder(str(tmp_path / "copy"))
+    assert copy.class_names == source.class_names
+    assert copy.train.num_examples == 12 and copy.eval.num_examples == NUM_VAL
+    assert sorted(copy.eval.labels.tolist()) == sorted(val_labels.tolist())
 
 
 def test_launch_without_tars_stops_at_once(tmp_path):

@@ -1,0 +1,214 @@
+"""Write a pre-resized copy of a dataset once, so that every epoch decodes smaller JPEGs.
+
+    python -m alexnet_jax.data.resize --data_dir=SRC --out=DST [--size=256] [--dataset=image_folder]
+    python -m alexnet_jax.data.resize --dataset=imagenet2012 --data_dir=TFDS_DIR --out=DST
+    python -m alexnet_jax.data.resize --check --data_dir=SRC     # decode every file, list the ones that fail
+
+The copy is an image folder (DST/train/<class>/*, DST/validation/<class>/*) whose
+images have their shorter side resized to --size (the paper's 256) with an
+antialiasing filter and saved as JPEG quality 95; images already no larger are
+copied byte for byte. It is written into a staging directory next to DST and
+renamed when complete, so DST is either absent or whole; SRC is only read.
+Train with --config.dataset=image_folder --config.data_dir=DST (and the same
+image_size/resize_size as before: the pipeline's crop is relative to the
+shorter side, so it sees the same windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from alexnet_jax.errors import UserError
+
+log = logging.getLogger("alexnet_jax.data")
+
+JPEG_QUALITY = 95
+SPLIT_DIRS = {"train": "train", "eval": "validation"}
+STAMP = "RESIZED.json"
+
+
+def resize_bytes(data: bytes, size: int, quality: int = JPEG_QUALITY) -> bytes | None:
+    """Encoded image -> JPEG with the shorter side `size`; None when it is already no larger."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as picture:
+        width, height = picture.size
+        shorter = min(width, height)
+        if shorter <= size:
+            return None
+        scale = size / shorter
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        picture.draft("RGB", target)  # JPEG: let the decoder scale by 1/2, 1/4, 1/8 where that stays >= target
+        picture = picture.convert("RGB")  # CMYK, greyscale, palette and alpha images become RGB
+        picture = picture.resize(target, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+
+def _write_one(task: tuple[str | bytes, str, int]) -> tuple[str, str | None]:
+    """Pool worker: (source path or bytes, destination, size) -> (destination, error or None)."""
+    source, destination, size = task
+    try:
+        if isinstance(source, str):
+            with open(source, "rb") as handle:
+                data = handle.read()
+        else:
+            data = source
+        resized = resize_bytes(data, size)
+        with open(destination, "wb") as handle:
+            handle.write(data if resized is None else resized)
+    except Exception as error:  # PIL raises many types for a bad file; the caller names it
+        return destination, f"{type(error).__name__}: {error}"
+    return destination, None
+
+
+def _file_tasks(source, staging: Path, size: int):
+    for key, split in (("train", source.train), ("eval", source.eval)):
+        for path, label in zip(split.paths, split.labels):
+            class_dir = staging / SPLIT_DIRS[key] / source.class_names[label]
+            yield str(path), str(class_dir / os.path.basename(str(path))), size
+
+
+def _tfds_tasks(source, staging: Path, size: int):
+    import tensorflow_datasets as tfds
+
+    for key, split in (("train", source.train), ("eval", source.eval)):
+        dataset = split.builder.as_dataset(
+            split=split.split, shuffle_files=False, decoders={split.image_key: tfds.decode.SkipDecoding()}
+        )
+        for index, example in enumerate(dataset.as_numpy_iterator()):
+            name = source.class_names[int(example[split.label_key])]
+            yield example[split.image_key], str(staging / SPLIT_DIRS[key] / name / f"{index:08d}.JPEG"), size
+
+
+def write_resized(
+    data_dir: str,
+    out: str,
+    *,
+    size: int = 256,
+    dataset: str = "image_folder",
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+) -> dict:
+    """Write the copy (see the module docstring); returns what RESIZED.json records."""
+    from alexnet_jax.data import sources
+
+    if size < 1:
+        raise UserError(f"--size={size} must be positive")
+    target = Path(out).expanduser().resolve()
+    if target.exists():
+        raise UserError(f"{target} already exists; choose a new --out (nothing there is changed)")
+    if dataset == "image_folder":
+        root = Path(data_dir).expanduser().resolve()
+        if target == root or root in target.parents or target in root.parents:
+            raise UserError(f"--out={target} must lie outside --data_dir={root}, and not contain it")
+    source = sources.open_source(dataset, data_dir=data_dir, skip_bad_images=skip_bad_images)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        for split_dir in SPLIT_DIRS.values():
+            for name in source.class_names:
+                (staging / split_dir / name).mkdir(parents=True, exist_ok=True)
+        tasks = (_tfds_tasks if dataset != "image_folder" else _file_tasks)(source, staging, size)
+        start = time.perf_counter()
+        count, failed = 0, []
+        with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
+            for destination, error in pool.imap_unordered(_write_one, tasks, chunksize=16):
+                count += 1
+                if error is not None:
+                    failed.append((destination, error))
+                    if not skip_bad_images:
+                        raise UserError(
+                            f"cannot read the image for {destination} ({error}); replace or delete it, "
+                            "or pass --skip_bad_images"
+                        )
+        for destination, error in failed:
+            log.warning("skipped %s: %s", destination, error)
+            os.remove(destination)
+        record = {
+            "source": str(data_dir),
+            "dataset": dataset,
+            "size": size,
+            "quality": JPEG_QUALITY,
+            "images": count - len(failed),
+            "skipped": len(failed),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        (staging / STAMP).write_text(json.dumps(record, indent=1) + "\n")
+        staging.rename(target)  # atomic: DST appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
+
+
+def check_decodes(data_dir: str, *, threads: int | None = None) -> list[tuple[str, str]]:
+    """[(path, error)] of the image-folder files TensorFlow cannot decode in full (slow: a full decode each)."""
+    import tensorflow as tf
+
+    from alexnet_jax.data import sources
+
+    source = sources.open_source("image_folder", data_dir=data_dir, skip_bad_images=True)
+    paths = [str(path) for split in (source.train, source.eval) for path in split.paths]
+
+    def decode(path: str) -> str | None:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except tf.errors.OpError as error:
+            return error.message.splitlines()[0]
+        return None
+
+    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        errors = list(pool.map(decode, paths))
+    return [(path, error) for path, error in zip(paths, errors) if error is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.data.resize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", required=True, help="the image folder's root, or the TFDS data_dir")
+    parser.add_argument("--out", default="", help="where the copy goes (must not exist)")
+    parser.add_argument("--size", type=int, default=256, help="shorter side of the copy")
+    parser.add_argument("--dataset", default="image_folder", help="image_folder or a prepared TFDS dataset")
+    parser.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core")
+    parser.add_argument("--skip_bad_images", action="store_true", help="leave unreadable images out of the copy")
+    parser.add_argument("--check", action="store_true", help="only decode every file and list those that fail")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            bad = check_decodes(args.data_dir)
+            for path, error in bad:
+                print(f"{path}: {error}")
+            print(f"{len(bad)} file(s) fail to decode")
+            return 1 if bad else 0
+        if not args.out:
+            raise UserError("pass --out=DST, a new directory for the resized copy")
+        record = write_resized(
+            args.data_dir,
+            args.out,
+            size=args.size,
+            dataset=args.dataset,
+            workers=args.workers or None,
+            skip_bad_images=args.skip_bad_images,
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {record['images']} images to {args.out} in {record['seconds']} s ({record['skipped']} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
+    sys.exit(main())
