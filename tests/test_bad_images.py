@@ -92,6 +92,12 @@ def test_bad_file_stops_with_its_name_or_is_skipped(folder, caplog, name, conten
     assert _all_train_labels(source.train)["images"].shape == (6, 32, 32, 3)
 
 
+def test_data_appended_after_a_jpeg_is_fine(folder):
+    """Some cameras append kilobytes after the end marker: a full decode settles it."""
+    (folder / "train" / "a" / "trailer.jpg").write_bytes(_jpeg(seed=9) + b"SEFT" * 1000)
+    assert sources.image_folder(str(folder)).train.num_examples == 7
+
+
 def test_many_bad_files_are_counted(folder):
     for index in range(12):
         (folder / "validation" / "b" / f"junk_{index}.jpg").write_bytes(b"")

@@ -139,7 +139,8 @@ def check_image(path: str) -> str | None:
 
     Cheap (two small reads, no decode): the format comes from the magic bytes, not
     the name, so a PNG named .JPEG is fine; a JPEG without its end marker or a PNG
-    without its IEND chunk is truncated. CMYK JPEGs decode to RGB and pass.
+    without its IEND chunk in its last TAIL_BYTES is truncated, unless a full
+    decode succeeds (data appended after the image). CMYK JPEGs decode to RGB and pass.
     """
     try:
         with open(path, "rb") as handle:
@@ -150,12 +151,23 @@ def check_image(path: str) -> str | None:
     except OSError as error:
         return f"unreadable ({error.strerror})"
     if head.startswith(JPEG_MAGIC):
-        return None if JPEG_END in tail else "truncated JPEG (no end marker)"
+        return None if JPEG_END in tail or _decodes(path) else "truncated JPEG (no end marker)"
     if head.startswith(PNG_MAGIC):
-        return None if PNG_END in tail else "truncated PNG (no IEND chunk)"
+        return None if PNG_END in tail or _decodes(path) else "truncated PNG (no IEND chunk)"
     if size == 0:
         return "empty file"
     return "not a JPEG or PNG image"
+
+
+def _decodes(path: str) -> bool:
+    """Full decode, for the rare file whose end marker is not at the end (some cameras append data)."""
+    import tensorflow as tf
+
+    try:
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except tf.errors.OpError:
+        return False
+    return True
 
 
 def find_bad_images(paths, *, threads: int = 32) -> list[tuple[str, str]]:
