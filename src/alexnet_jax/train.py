@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         train_split=config.train_split,
         eval_split=config.eval_split,
         download=config.download,
+        skip_bad_images=config.skip_bad_images,
     )
     num_classes = config.num_classes if config.num_classes > 0 else source.num_classes
     if num_classes < source.num_classes:
