@@ -3,15 +3,16 @@
     python bench/make_jpegs.py --out=/tmp/jpegs --count=400
     python bench/input_pipeline.py --data_dir=/tmp/jpegs [--dataset=image_folder] [--batch=128]
 
-Measures images/s of pipeline.train_dataset (decode the crop window, resize to
---image_size, flip, PCA noise, normalise, batch, numpy as the training loop
-receives it) after a warm-up, and on the same files:
+Measures images/s of pipeline.train_dataset (decode the crop window, flip,
+resize to --image_size, uint8 pixels plus a PCA colour offset, batch, numpy as
+the training loop receives it) after a warm-up, and on the same files:
   (a) PIL: decode, random crop (the paper's window) resized to image_size, flip,
       in a pool of --workers processes (one per core);
   (b) bare tf.io.decode_jpeg of every file with tf.data AUTOTUNE (no crop, no resize).
-The last line printed is one JSON object: img_per_s, pil_img_per_s,
-decode_img_per_s, vs_pil (img_per_s / pil_img_per_s), vs_decode (img_per_s /
-decode_img_per_s), and the setup. A TFDS --dataset runs the pipeline only (its
+The three alternate for --rounds rounds and the medians are reported. The last
+line printed is one JSON object: img_per_s, pil_img_per_s, decode_img_per_s,
+vs_pil (img_per_s / pil_img_per_s), vs_decode (img_per_s / decode_img_per_s),
+and the setup. A TFDS --dataset runs the pipeline only (its
 files are record shards, not JPEGs on disk).
 """
 
@@ -33,22 +34,27 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_pipeline(
-    split, *, image_size: int, resize_size: int, batch: int, warmup: int, batches: int
-) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of pipeline.train_dataset, as numpy batches."""
-    from alexnet_jax.data import pipeline
+class PipelineTimer:
+    """pipeline.train_dataset as numpy batches, as the training loop receives them; timed in rounds."""
 
-    aug = pipeline.Augmentation(image_size=image_size, resize_size=resize_size)
-    iterator = pipeline.train_dataset(split, aug, per_process_batch=batch, seed=0).as_numpy_iterator()
-    for _ in range(warmup):
-        next(iterator)
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    for _ in range(batches):
-        images = next(iterator)["images"]
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    assert images.shape == (batch, image_size, image_size, 3)
-    return batches * batch / elapsed, 1000 * cpu / (batches * batch)
+    def __init__(self, split, *, image_size: int, resize_size: int, resize_method: str, batch: int, warmup: int):
+        from alexnet_jax.data import pipeline
+
+        aug = pipeline.Augmentation(image_size=image_size, resize_size=resize_size, resize_method=resize_method)
+        dataset = pipeline.train_dataset(split, aug, per_process_batch=batch, seed=0)
+        self.iterator = dataset.as_numpy_iterator()
+        self.batch, self.image_size = batch, image_size
+        for _ in range(warmup):
+            next(self.iterator)
+
+    def __call__(self, batches: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over `batches` batches."""
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        for _ in range(batches):
+            images = next(self.iterator)["images"]
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        assert images.shape == (self.batch, self.image_size, self.image_size, 3) and images.dtype == np.uint8
+        return batches * self.batch / elapsed, 1000 * cpu / (batches * self.batch)
 
 
 def _pil_train_image(args: tuple[str, int, int, int]) -> int:
@@ -65,44 +71,64 @@ def _pil_train_image(args: tuple[str, int, int, int]) -> int:
         top = (height - shorter) // 2 + int(rng.integers(0, shorter - side + 1))
         left = (width - shorter) // 2 + int(rng.integers(0, shorter - side + 1))
         crop = picture.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BILINEAR)
-    pixels = np.asarray(crop, np.float32)
+    pixels = np.asarray(crop, np.uint8)
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return int(pixels[0, 0, 0])
 
 
-def time_pil(paths: list[str], *, image_size: int, resize_size: int, workers: int, repeats: int) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of a PIL process pool; run before TensorFlow starts (fork)."""
-    work = [(path, image_size, resize_size, index) for index, path in enumerate(paths * repeats)]
-    cpu_start = cpu_seconds(resource.RUSAGE_CHILDREN)
-    pool = multiprocessing.get_context("fork").Pool(workers)
-    list(pool.imap_unordered(_pil_train_image, work[: 4 * workers], chunksize=1))  # warm-up
-    start = time.perf_counter()
-    list(pool.imap_unordered(_pil_train_image, work, chunksize=8))
-    elapsed = time.perf_counter() - start
-    pool.close()
-    pool.join()  # children's CPU time is counted once they are reaped
-    cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_start
-    return len(work) / elapsed, 1000 * cpu / (len(work) + 4 * workers)
+class PilTimer:
+    """A PIL process pool; create it before TensorFlow starts threads (the workers fork)."""
+
+    def __init__(self, paths: list[str], *, image_size: int, resize_size: int, workers: int, repeats: int):
+        self.work = [(path, image_size, resize_size, index) for index, path in enumerate(paths * repeats)]
+        self.pool = multiprocessing.get_context("fork").Pool(workers)
+        list(self.pool.imap_unordered(_pil_train_image, self.work[: 4 * workers], chunksize=1))  # warm-up
+
+    def __call__(self) -> tuple[float, float]:
+        """(images/s, CPU ms per image): wall time here, CPU time summed over the workers."""
+        start = time.perf_counter()
+        cpu = sum(self.pool.map(_timed_chunk, _chunks(self.work, 8), chunksize=1))
+        return len(self.work) / (time.perf_counter() - start), 1000 * cpu / len(self.work)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
 
 
-def time_bare_decode(paths: list[str], *, repeats: int) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of read_file + decode_jpeg over the files, AUTOTUNE."""
-    import tensorflow as tf
+def _chunks(work: list, size: int) -> list[list]:
+    return [work[index : index + size] for index in range(0, len(work), size)]
 
-    def decode(path):
-        return tf.shape(tf.io.decode_jpeg(tf.io.read_file(path), channels=3))
 
-    dataset = tf.data.Dataset.from_tensor_slices(paths).repeat(repeats)
-    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(64).prefetch(tf.data.AUTOTUNE)
-    for _ in dataset.take(2):  # warm-up
-        pass
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    count = 0
-    for shapes in dataset:
-        count += int(shapes.shape[0])
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    return count / elapsed, 1000 * cpu / count
+def _timed_chunk(chunk: list) -> float:
+    """A worker's CPU seconds for a chunk of examples (the pool lives on, so RUSAGE_CHILDREN cannot see them)."""
+    start = time.process_time()
+    for item in chunk:
+        _pil_train_image(item)
+    return time.process_time() - start
+
+
+class DecodeTimer:
+    """read_file + decode_jpeg of every file (no crop, no resize) with tf.data AUTOTUNE."""
+
+    def __init__(self, paths: list[str], *, repeats: int):
+        import tensorflow as tf
+
+        def decode(path):
+            return tf.shape(tf.io.decode_jpeg(tf.io.read_file(path), channels=3))
+
+        dataset = tf.data.Dataset.from_tensor_slices(paths).repeat(repeats)
+        self.dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(64).prefetch(tf.data.AUTOTUNE)
+        for _ in self.dataset.take(2):  # warm-up
+            pass
+
+    def __call__(self) -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        count = 0
+        for shapes in self.dataset:
+            count += int(shapes.shape[0])
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        return count / elapsed, 1000 * cpu / count
 
 
 def main() -> None:
@@ -116,6 +142,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches timed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="PIL pool processes")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the files for the baselines")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timings of all three; medians reported")
+    parser.add_argument("--resize_method", default="bilinear", help="bilinear or area (config.resize_method)")
     parser.add_argument("--pipeline_only", action="store_true", help="skip the PIL and bare-decode baselines")
     args = parser.parse_args()
 
@@ -136,29 +164,52 @@ def main() -> None:
         "machine": platform.machine(),
     }
     is_files = isinstance(split, sources.FileSplit) and not args.pipeline_only
-    if is_files:  # PIL first: its pool forks before TensorFlow starts threads
+    pil_timer = decode_timer = None
+    if is_files:  # the PIL pool forks before TensorFlow starts threads
         paths = [str(path) for path in split.paths]
         figures["mean_file_kb"] = round(float(np.mean([os.path.getsize(path) for path in paths])) / 1024, 1)
-        pil, pil_cpu = time_pil(
+        pil_timer = PilTimer(
             paths, image_size=args.image_size, resize_size=args.resize_size, workers=args.workers, repeats=args.repeats
         )
-        figures.update(pil_img_per_s=round(pil, 1), pil_cpu_ms_per_img=round(pil_cpu, 3), pil_workers=args.workers)
-        print(f"PIL pool of {args.workers}: {pil:,.0f} images/s, {pil_cpu:.2f} CPU ms/image", flush=True)
-        decode, decode_cpu = time_bare_decode(paths, repeats=args.repeats)
-        figures.update(decode_img_per_s=round(decode, 1), decode_cpu_ms_per_img=round(decode_cpu, 3))
-        print(f"bare tf.io.decode_jpeg: {decode:,.0f} images/s, {decode_cpu:.2f} CPU ms/image", flush=True)
-    rate, cpu = time_pipeline(
-        split,
-        image_size=args.image_size,
-        resize_size=args.resize_size,
-        batch=args.batch,
-        warmup=args.warmup,
-        batches=args.batches,
-    )
-    figures.update(img_per_s=round(rate, 1), cpu_ms_per_img=round(cpu, 3))
-    print(f"pipeline.train_dataset: {rate:,.0f} images/s, {cpu:.2f} CPU ms/image", flush=True)
+        decode_timer = DecodeTimer(paths, repeats=args.repeats)
+        figures["pil_workers"] = args.workers
+    # Rounds alternate the three so that a noisy neighbour hits them alike; medians are reported.
+    rounds: dict[str, list[tuple[float, float]]] = {"pipeline": [], "pil": [], "decode": []}
+    for round_index in range(args.rounds):
+        if is_files:
+            rounds["pil"].append(pil_timer())
+            rounds["decode"].append(decode_timer())
+        # A fresh iterator per round, dropped after: a live one would prefetch while the others run.
+        timer = PipelineTimer(
+            split,
+            image_size=args.image_size,
+            resize_size=args.resize_size,
+            resize_method=args.resize_method,
+            batch=args.batch,
+            warmup=args.warmup,
+        )
+        rounds["pipeline"].append(timer(args.batches))
+        del timer
+        print(
+            f"round {round_index + 1}: "
+            + ", ".join(f"{name} {values[-1][0]:,.0f} img/s" for name, values in rounds.items() if values),
+            flush=True,
+        )
+    if pil_timer is not None:
+        pil_timer.close()
+    prefixes = {"pipeline": "", "pil": "pil_", "decode": "decode_"}
+    medians = {}
+    for name, values in rounds.items():
+        if values:
+            rate, cpu = float(np.median([v[0] for v in values])), float(np.median([v[1] for v in values]))
+            medians[name] = (rate, cpu)
+            figures[prefixes[name] + "img_per_s"] = round(rate, 1)
+            figures[prefixes[name] + "cpu_ms_per_img"] = round(cpu, 3)
+    figures["rounds"] = args.rounds
+    figures["resize_method"] = args.resize_method
     if is_files:
         # Wall-clock ratios, and CPU-time ratios (what they would be with every core free).
+        (rate, cpu), (pil, pil_cpu), (decode, decode_cpu) = medians["pipeline"], medians["pil"], medians["decode"]
         figures["vs_pil"] = round(rate / pil, 2)
         figures["vs_decode"] = round(rate / decode, 2)
         figures["cpu_vs_pil"] = round(pil_cpu / cpu, 2)

@@ -136,9 +136,10 @@ class JaxBench:
         self.p_train, _ = train.make_steps(model, tx, schedule)
         rng = np.random.default_rng(0)
         shape = (devices, self.per_device, args.image_size, args.image_size, 3)
-        host = {
-            "images": rng.standard_normal(shape, dtype=np.float32),
+        host = {  # what the input pipeline ships: uint8 pixels and a PCA colour offset per image
+            "images": rng.integers(0, 256, shape, dtype=np.uint8),
             "labels": rng.integers(0, args.num_classes, (devices, self.per_device), dtype=np.int32),
+            "color": rng.normal(0, 0.01, (devices, self.per_device, 3)).astype(np.float32),
         }
         self.batch = parallel.shard_to_devices(host)
         start = time.perf_counter()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import convert, predict, runinfo
+from alexnet_jax import convert, predict, preprocess, runinfo
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -125,9 +125,10 @@ def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_
     image = sorted((image_folder / "validation").rglob("*.jpg"))[0]
     assert predict.main([f"--checkpoint={out}", str(image)]) == 0
     shown = capsys.readouterr().out.splitlines()[1:6]
-    pixels = predict.preprocess(image.read_bytes(), image_size=224, resize_size=256)  # [1, 224, 224, 3]
+    pixels = predict.preprocess(image.read_bytes(), image_size=224, resize_size=256)  # uint8 [1, 224, 224, 3]
+    normalised = preprocess.normalize_numpy(pixels)  # torch takes what the model makes of the pixels
     with torch.no_grad():
-        logits = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        logits = torch_model(torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy()))
         probabilities = torch.softmax(logits, dim=-1).numpy()[0]
     for line, index in zip(shown, np.argsort(-probabilities)[:5]):
         assert line.endswith(f"({runinfo.imagenet_synsets()[index]})")

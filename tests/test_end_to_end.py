@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO
 
 sys.path.insert(0, REPO)
@@ -68,32 +67,40 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
     json.dumps(records)  # plain JSON all through
 
 
-def _launch_subprocess(tmp_path, *overrides, devices=8):
+def _launch_subprocess(workdir, *overrides, devices=8):
+    """Start launch.py in a child process (returns the Popen; output captured as text)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     command = [
         sys.executable,
         os.path.join(REPO, "launch.py"),
         f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={tmp_path / 'run'}",
+        f"--workdir={workdir}",
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir.parent
+    )
 
 
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("--config.batch_sise=8", "batch_sise"),
-        ("--config.batch_size=12", "not divisible by the 8 devices"),
-        ("--config.image_size=32", "image_size=32 is too small"),
-        ("--config.learning_rate=-1", "learning_rate=-1"),
-        ("--config.model=vgg", "not an AlexNet variant"),
-        ("--config.dataset=no_such_dataset_xyz", "no_such_dataset_xyz"),
-    ],
-)
-def test_bad_config_fails_fast_with_one_clear_line(tmp_path, override, expected):
-    result = _launch_subprocess(tmp_path, override)
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+BAD_CONFIGS = [
+    ("--config.batch_sise=8", "batch_sise"),
+    ("--config.batch_size=12", "not divisible by the 8 devices"),
+    ("--config.image_size=32", "image_size=32 is too small"),
+    ("--config.learning_rate=-1", "learning_rate=-1"),
+    ("--config.model=vgg", "not an AlexNet variant"),
+    ("--config.dataset=no_such_dataset_xyz", "no_such_dataset_xyz"),
+]
+
+
+def test_bad_configs_fail_fast_with_one_clear_line(tmp_path):
+    # All at once: each child spends its few seconds importing, so they overlap well.
+    children = [
+        _launch_subprocess(tmp_path / str(index) / "run", override) for index, (override, _) in enumerate(BAD_CONFIGS)
+    ]
+    for index, ((override, expected), child) in enumerate(zip(BAD_CONFIGS, children)):
+        _, stderr = child.communicate(timeout=300)
+        assert child.returncode != 0, override
+        assert expected in stderr, (override, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert not (tmp_path / str(index) / "run" / "checkpoints").exists()

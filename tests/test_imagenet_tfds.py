@@ -1,4 +1,5 @@
-"""ImageNet through the real TFDS imagenet2012 builder, on a miniature set of ILSVRC-format tars."""
+"""ImageNet through the real TFDS imagenet2012 builder, on a miniature set of ILSVRC-format tars:
+preparation, reading, a short training run, and a pre-resized copy."""
 
 import io
 import os
@@ -9,6 +10,11 @@ import tarfile
 import numpy as np
 from conftest import REPO
 
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import demo  # noqa: E402  (configs/demo.py)
+
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import train
 from alexnet_jax.data import pipeline, resize, sources
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
@@ -64,11 +70,11 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     assert again.eval.num_examples == NUM_VAL
 
     aug = pipeline.Augmentation(image_size=63, resize_size=72)
-    train = pipeline.train_dataset(source.train, aug, per_process_batch=8, seed=0).as_numpy_iterator()
+    train_batches = pipeline.train_dataset(source.train, aug, per_process_batch=8, seed=0).as_numpy_iterator()
     labels = []
     for _ in range(3):  # 24 > 12 examples: the stream repeats
-        batch = next(train)
-        assert batch["images"].shape == (8, 63, 63, 3) and np.isfinite(batch["images"]).all()
+        batch = next(train_batches)
+        assert batch["images"].shape == (8, 63, 63, 3) and batch["images"].dtype == np.uint8
         labels.extend(batch["labels"].tolist())
     assert set(labels) == {0, 1, 2}
 
@@ -79,6 +85,16 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     val_labels = np.concatenate([b["labels"] for b in batches])[mask == 1]
     assert ((val_labels >= 0) & (val_labels < 1000)).all()
     assert len(set(val_labels.tolist())) > 1  # the real labels TFDS ships, not a constant
+
+    # A short training run on it: the loop reads the TFDS records, and eval counts every image once.
+    config = demo.get_config()
+    config.dataset, config.data_dir, config.manual_dir = "imagenet2012", str(data_dir), str(manual_dir)
+    config.update(batch_size=8, num_train_steps=2, log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    records = metrics_lib.read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert [(r["step"], r["eval/num_examples"]) for r in records if "eval/loss" in r] == [(2, NUM_VAL)]
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
 
     # A pre-resized image-folder copy keeps all 1,000 classes in label order, and every example.
     resize.write_resized(str(data_dir), str(tmp_path / "copy"), size=80, dataset="imagenet2012", workers=1)

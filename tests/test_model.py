@@ -65,7 +65,7 @@ def test_adaptive_pool_matches_torch_bins():
 
 
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
-@pytest.mark.parametrize("image_size", [63, 96, 227])
+@pytest.mark.parametrize("image_size", [63, 227])  # the smallest input, and the paper's
 def test_logits_shape_and_dtype(variant, image_size):
     net = AlexNet(variant=variant, num_classes=7, dtype=jnp.bfloat16)
     images = jnp.ones((2, image_size, image_size, 3))

@@ -41,10 +41,12 @@ def test_train_batches_shapes_and_determinism(image_folder):
     first = _batches(pipeline.train_dataset(split, AUG, per_process_batch=4, seed=3), 3)
     again = _batches(pipeline.train_dataset(split, AUG, per_process_batch=4, seed=3), 3)
     other = _batches(pipeline.train_dataset(split, AUG, per_process_batch=4, seed=4), 3)
-    assert first[0]["images"].shape == (4, 32, 32, 3) and first[0]["images"].dtype == np.float32
+    assert first[0]["images"].shape == (4, 32, 32, 3) and first[0]["images"].dtype == np.uint8
     assert first[0]["labels"].dtype == np.int32
+    assert first[0]["color"].shape == (4, 3) and first[0]["color"].dtype == np.float32
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["color"], b["color"])
     assert not np.array_equal(first[0]["images"], other[0]["images"])
 
 
@@ -56,6 +58,7 @@ def test_train_resumes_at_the_exact_position(image_folder):
     for a, b in zip(straight[6:], resumed):
         np.testing.assert_array_equal(a["images"], b["images"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_array_equal(a["color"], b["color"])
 
 
 def test_every_epoch_visits_every_example_once(image_folder):

@@ -7,15 +7,16 @@ import optax
 import pytest
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import optim, parallel, train
+from alexnet_jax import optim, parallel, preprocess, train
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 5
 
 
-def _setup(dropout_rate=0.0):
+def _setup(dropout_rate=0.0, learning_rate=0.01):
     config = config_lib.base_config()
     config.dropout_rate = dropout_rate
+    config.learning_rate = learning_rate
     config.init = "modern"
     model = train.create_model(config, NUM_CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
@@ -25,10 +26,12 @@ def _setup(dropout_rate=0.0):
 
 
 def _batch(global_batch, seed=0):
+    """What the input pipeline ships: uint8 pixels, labels, and a PCA colour offset per image."""
     rng = np.random.default_rng(seed)
     return {
-        "images": rng.normal(size=(global_batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, size=(global_batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
         "labels": rng.integers(0, NUM_CLASSES, size=(global_batch,)).astype(np.int32),
+        "color": rng.normal(0, 0.02, size=(global_batch, 3)).astype(np.float32),
     }
 
 
@@ -58,6 +61,31 @@ def test_eight_devices_give_the_one_device_update():
     assert max(moved) > 1e-4  # it did update
     np.testing.assert_allclose(float(metrics_8["loss"]), float(metrics_1["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(metrics_8["top1_acc"]), float(metrics_1["top1_acc"]))
+
+
+def test_pixels_and_colour_offsets_give_the_update_of_the_normalised_images():
+    """The step normalises uint8 pixels and adds each image's PCA offset, as a host would have."""
+    model, tx, schedule, state = _setup()
+    batch = _batch(4, seed=5)
+    mean, std = np.array(preprocess.MEAN_RGB), np.array(preprocess.STDDEV_RGB)
+    normalised = (batch["images"] / 255.0 + batch["color"][:, None, None, :] - mean) / std
+    reference = {"images": normalised.astype(np.float32), "labels": batch["labels"]}
+    step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)
+    one_device = jax.pmap(
+        step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
+    )
+    add_axis = functools.partial(jax.tree_util.tree_map, lambda v: v[None])
+    from_pixels, metrics = one_device(state, add_axis(batch), jax.random.key(1))
+    from_floats, expected = one_device(state, add_axis(reference), jax.random.key(1))
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(from_pixels.params), jax.tree_util.tree_leaves(from_floats.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    without_colour, _ = one_device(
+        state, add_axis({**batch, "color": np.zeros_like(batch["color"])}), jax.random.key(1)
+    )
+    assert not np.allclose(
+        np.asarray(without_colour.params["conv1"]["kernel"]), np.asarray(from_pixels.params["conv1"]["kernel"])
+    )
 
 
 def test_step_sees_per_device_batch_and_state_is_one_copy():
@@ -115,7 +143,7 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_crops():
 
 
 def test_a_few_steps_fit_a_batch():
-    model, tx, schedule, state = _setup()
+    model, tx, schedule, state = _setup(learning_rate=0.002)
     p_train, _ = train.make_steps(model, tx, schedule)
     batch = parallel.shard_to_devices(_per_device(_batch(16), 8))
     losses = []

@@ -7,6 +7,8 @@ mid-save restarts from the newest complete one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from typing import Any
@@ -55,6 +57,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save; `metrics` (eval results) rank it for keeping the best."""
         state = parallel.to_global(state)  # several processes: Orbax wants global arrays
+        # Orbax would wait for the previous save here anyway; once it is done, hand the
+        # host copies it freed back to the OS, or RSS creeps up by a state size per save.
+        self._manager.wait_until_finished()
+        release_free_heap()
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -94,3 +100,12 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], directory: 
             f"{directory} holds a checkpoint of a different model: {', '.join(differences)}; "
             "use a new --workdir, or set the config back to match"
         )
+
+
+def release_free_heap() -> None:
+    """glibc keeps freed blocks for reuse; malloc_trim returns them to the OS (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass

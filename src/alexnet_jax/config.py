@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_classes = -1  # -1 = from the dataset
     config.image_size = 224
     config.resize_size = -1  # shorter side before cropping; -1 = image_size * 256 / 224
+    config.resize_method = "bilinear"  # crop -> image_size: "bilinear" (fast) or "area" (antialiased)
     config.random_flip = True
     config.pca_noise_std = 0.1  # the paper's colour jitter; 0 turns it off
     config.eval_crops = 1  # 1 = centre crop
@@ -115,6 +116,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                 f"config.{key}={config[key]} is not divisible by the {device_count} devices of this run; "
                 f"use a multiple of {device_count}"
             )
+    if config.resize_method not in ("bilinear", "area"):
+        fail(f"config.resize_method={config.resize_method!r} is unknown; use 'bilinear' or 'area'")
     if config.eval_crops not in (1, 10):
         fail(f"config.eval_crops={config.eval_crops} is unsupported; use 1 (centre) or 10 (the paper's test)")
     if not 0.0 <= config.dropout_rate < 1.0:

@@ -191,7 +191,10 @@ def evaluate(
     if batch_size % local_devices:
         raise UserError(f"--batch_size={batch_size} is not divisible by the {local_devices} devices; use a multiple")
     aug = pipeline.Augmentation(
-        image_size=int(info["image_size"]), resize_size=int(info["resize_size"]), eval_crops=crops
+        image_size=int(info["image_size"]),
+        resize_size=int(info["resize_size"]),
+        eval_crops=crops,
+        resize_method=info.get("config", {}).get("resize_method", "bilinear"),  # as the run was trained
     )
     eval_ds = pipeline.eval_dataset(source.eval, aug, per_process_batch=batch_size)
     batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import fast_ops
+from alexnet_jax import fast_ops, preprocess
 
 VARIANTS = ("paper", "torchvision")
 INITS = ("paper", "modern")
@@ -125,7 +125,7 @@ def _initializers(init: str, name: str) -> dict[str, Any]:
 
 
 class AlexNet(nn.Module):
-    """AlexNet returning logits for float NHWC images.
+    """AlexNet returning logits for NHWC images: uint8 RGB pixels, or normalised floats.
 
     variant: "paper" (96-256-384-384-256, two towers as feature groups, LRN) or
       "torchvision" (the "one weird trick" widths 64-192-384-256-256, no LRN).
@@ -179,7 +179,8 @@ class AlexNet(nn.Module):
                 return fast_ops.max_pool(x, 3, 2)
             return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
-        x = images.astype(self.dtype)  # [N, S, S, 3]
+        # uint8 pixels are normalised here (preprocess.py); floats are taken as normalised.
+        x = preprocess.model_input(images).astype(self.dtype)  # [N, S, S, 3]
         x = nn.relu(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
             x = local_response_norm(x)

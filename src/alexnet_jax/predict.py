@@ -88,7 +88,7 @@ def read_image(path: str) -> bytes:
 
 
 def preprocess(image_bytes: bytes, *, image_size: int, resize_size: int, crops: int = 1) -> np.ndarray:
-    """Encoded image -> float32 [crops, S, S, 3], exactly as evaluation sees it."""
+    """Encoded image -> uint8 [crops, S, S, 3], exactly as evaluation sees it (the model normalises)."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, pipeline

@@ -24,7 +24,7 @@ from jax import lax
 
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import model as model_lib
-from alexnet_jax import optim, parallel
+from alexnet_jax import optim, parallel, preprocess
 from alexnet_jax.errors import UserError
 from alexnet_jax.parallel import AXIS
 
@@ -87,12 +87,14 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD update from one device's slice of the batch; runs under pmap.
 
-    batch: {'images': [per_device_batch, S, S, 3], 'labels': [per_device_batch]}.
+    batch: {'images': [per_device_batch, S, S, 3] uint8 pixels (or normalised floats),
+    'labels': [per_device_batch], optionally 'color': [per_device_batch, 3] PCA colour offsets}.
     """
     dropout_rng = dropout_key(rng, state.step)
+    images = preprocess.model_input(batch["images"], batch.get("color"))
 
     def loss_fn(params):
-        logits = model.apply({"params": params}, batch["images"], train=True, rngs={"dropout": dropout_rng})
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
         return cross_entropy(logits, batch["labels"]), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -304,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         flip=config.random_flip,
         pca_noise_std=config.pca_noise_std,
         eval_crops=config.eval_crops,
+        resize_method=config.resize_method,
     )
     train_ds = pipeline.train_dataset(
         source.train,
@@ -380,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.info(progress.line(step, summary["train/loss"], summary["train/img_per_s"]))
                 pending.clear()
                 timed_steps = 0
+                interval_start = time.perf_counter()
             results = run_eval(step) if do_eval else None
             if do_checkpoint:
                 checkpointer.save(step, state, meta, metrics=results)

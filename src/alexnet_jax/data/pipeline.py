@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -31,6 +32,7 @@ class Augmentation:
     flip: bool = True
     pca_noise_std: float = 0.1
     eval_crops: int = 1
+    resize_method: str = "bilinear"  # augment.RESIZE_METHODS
 
 
 def hide_accelerators_from_tf() -> None:
@@ -49,6 +51,8 @@ def _options() -> tf.data.Options:
     options.experimental_optimization.map_parallelization = True
     options.experimental_optimization.inject_prefetch = True
     options.experimental_warm_start = True
+    options.threading.max_intra_op_parallelism = 1
+    options.threading.private_threadpool_size = os.cpu_count() or 1
     return options
 
 
@@ -67,26 +71,30 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
-    """Endless batches {'images': [B, S, S, 3] float32, 'labels': [B] int32} from start_step on."""
+    """Endless batches from start_step on: {'images': [B, S, S, 3] uint8, 'labels': [B] int32,
+    'color': [B, 3] float32 PCA colour offsets, added on the device (preprocess.model_input)}."""
     hide_accelerators_from_tf()
     start_position = start_step * per_process_batch
-    if isinstance(split, FileSplit):
+    is_files = isinstance(split, FileSplit)
+    if is_files:
         examples = _file_train_examples(split, seed, start_position, process_index, process_count)
     else:
         examples = _tfds_train_examples(split, seed, start_position, process_index, process_count)
 
-    def prepare(image_bytes, label, position):
+    def prepare(path_or_bytes, label, position):
+        image_bytes = tf.io.read_file(path_or_bytes) if is_files else path_or_bytes
         # Each example's randomness: a pure function of the seed, process and stream position.
         example_seed = tf.stack([tf.cast(seed, tf.int64) * 2, position * process_count + process_index])
-        image = augment.train_image(
+        image, color = augment.train_image(
             image_bytes,
             example_seed,
             image_size=aug.image_size,
             resize_size=aug.resize_size,
             flip=aug.flip,
             pca_noise_std=aug.pca_noise_std,
+            resize_method=aug.resize_method,
         )
-        return {"images": image, "labels": tf.cast(label, tf.int32)}
+        return {"images": image, "labels": tf.cast(label, tf.int32), "color": color}
 
     dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(per_process_batch, drop_remainder=True)
@@ -106,13 +114,12 @@ def _file_train_examples(split, seed, start_position, process_index, process_cou
         )
         start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
         positions = epoch * num_local + tf.range(start, num_local, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((order[start:], positions))
+        order = order[start:]
+        return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order), positions))
 
-    def load(index, position):
-        return tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index), position
-
+    # (path, label, position): the file is read in the same map as its decode, one hop fewer.
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
-    return epochs.flat_map(epoch_examples).map(load, num_parallel_calls=AUTOTUNE)
+    return epochs.flat_map(epoch_examples)
 
 
 def _tfds_read(split: TfdsSplit, process_index: int, process_count: int, *, shuffle_seed=None):
@@ -153,7 +160,7 @@ def eval_dataset(
 ) -> tf.data.Dataset:
     """Exactly eval_steps(...) batches {'images', 'labels', 'mask'}; padding has mask 0.
 
-    images are [B, S, S, 3], or [B, 10, S, S, 3] with eval_crops=10.
+    images are uint8 [B, S, S, 3], or [B, 10, S, S, 3] with eval_crops=10.
     """
     hide_accelerators_from_tf()
     steps = eval_steps(split.num_examples, per_process_batch, process_count)
@@ -167,10 +174,11 @@ def eval_dataset(
         num_local = len(local_indices(split.num_examples, process_index, process_count))
 
     def prepare(image_bytes, label):
+        sizes = dict(image_size=aug.image_size, resize_size=aug.resize_size, resize_method=aug.resize_method)
         if aug.eval_crops == 10:
-            image = augment.eval_ten_crops(image_bytes, image_size=aug.image_size, resize_size=aug.resize_size)
+            image = augment.eval_ten_crops(image_bytes, **sizes)
         else:
-            image = augment.eval_image(image_bytes, image_size=aug.image_size, resize_size=aug.resize_size)
+            image = augment.eval_image(image_bytes, **sizes)
         return {"images": image, "labels": tf.cast(label, tf.int32), "mask": tf.constant(1, tf.int32)}
 
     dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
@@ -178,7 +186,7 @@ def eval_dataset(
     if padding:
         crops = () if aug.eval_crops == 1 else (aug.eval_crops,)
         blank = {
-            "images": tf.zeros(crops + (aug.image_size, aug.image_size, 3)),
+            "images": tf.zeros(crops + (aug.image_size, aug.image_size, 3), tf.uint8),
             "labels": tf.constant(0, tf.int32),
             "mask": tf.constant(0, tf.int32),
         }
