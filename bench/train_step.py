@@ -84,17 +84,6 @@ def bench_config(args: argparse.Namespace) -> types.SimpleNamespace:
     )
 
 
-def import_train():
-    """alexnet_jax.train, even where ml_collections is not installed (it only names it in hints)."""
-    try:
-        import ml_collections  # noqa: F401
-    except ImportError:
-        sys.modules["ml_collections"] = types.SimpleNamespace(ConfigDict=dict)
-    from alexnet_jax import train
-
-    return train
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
 
@@ -118,10 +107,9 @@ class JaxBench:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel
+        from alexnet_jax import optim, parallel, train
 
         self.jax, self.args = jax, args
-        train = import_train()
         self.train = train
         config = bench_config(args)
         devices = jax.local_device_count()

@@ -12,12 +12,11 @@ import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax import lax
@@ -27,6 +26,9 @@ from alexnet_jax import model as model_lib
 from alexnet_jax import optim, parallel, preprocess
 from alexnet_jax.errors import UserError
 from alexnet_jax.parallel import AXIS
+
+if TYPE_CHECKING:  # annotations only: the step and the bench run where ml_collections is absent
+    import ml_collections
 
 log = logging.getLogger(__name__)
 
