@@ -1,0 +1,38 @@
+"""config.validate: every bad value is refused in-process with one line naming the key and the fix."""
+
+import importlib.util
+import os
+
+import pytest
+from conftest import REPO
+
+from alexnet_jax import config as config_lib
+from alexnet_jax.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["demo", "default", "torchvision", "large_batch"])
+def test_the_shipped_recipes_validate(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config_lib.validate(config, device_count=8)
+    assert config.resize_method == "bilinear" and config_lib.resize_size(config) >= config.image_size
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("resize_method", "lanczos", "use 'bilinear' or 'area'"),
+        ("eval_crops", 5, "use 1 (centre) or 10"),
+        ("dropout_rate", 1.0, "must lie in [0, 1)"),
+        ("resize_size", 100, "smaller than image_size=224"),
+        ("parallelism", "dp", "use 'pmap' or 'shard_map'"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_to_use(key, value, expected):
+    config = config_lib.base_config()
+    config[key] = value
+    with pytest.raises(UserError, match=f"config.{key}=") as error:
+        config_lib.validate(config, device_count=8)
+    assert expected in str(error.value) and "\n" not in str(error.value)
