@@ -36,3 +36,13 @@ def test_bad_values_name_the_key_and_what_to_use(key, value, expected):
     with pytest.raises(UserError, match=f"config.{key}=") as error:
         config_lib.validate(config, device_count=8)
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
+    from alexnet_jax import runinfo
+
+    assert runinfo.resize_method({"config": {"resize_method": "bilinear"}}) == "bilinear"
+    assert runinfo.resize_method({"config": {"resize_method": "area"}}) == "area"
+    # recorded before the key existed (they shrank with the area filter), or converted weights
+    assert runinfo.resize_method({"config": {"image_size": 224}}) == "area"
+    assert runinfo.resize_method({"config": None}) == runinfo.resize_method(None) == "area"

@@ -8,7 +8,7 @@ mid-save restarts from the newest complete one.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 from typing import Any
@@ -104,8 +104,14 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], directory: 
 
 def release_free_heap() -> None:
     """glibc keeps freed blocks for reuse; malloc_trim returns them to the OS (no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already has loaded
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
+        return None

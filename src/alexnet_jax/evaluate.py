@@ -72,13 +72,20 @@ def load_run(workdir: str) -> Run:
     )
 
 
+def _ensemble_key(run: Run, key: str) -> Any:
+    if key == "num_classes":
+        return run.num_classes
+    if key == "resize_method":
+        return runinfo.resize_method(run.info)
+    return run.info.get(key)
+
+
 def check_ensemble(runs: list[Run]) -> None:
     """Averaging softmaxes only makes sense over the same classes seen at the same input size."""
     first = runs[0]
     for run in runs[1:]:
-        for key in ("num_classes", "image_size", "resize_size"):
-            mine = run.num_classes if key == "num_classes" else run.info.get(key)
-            theirs = first.num_classes if key == "num_classes" else first.info.get(key)
+        for key in ("num_classes", "image_size", "resize_size", "resize_method"):
+            mine, theirs = (_ensemble_key(r, key) for r in (run, first))
             if mine != theirs:
                 raise UserError(
                     f"{run.workdir} has {key}={mine} but {first.workdir} has {theirs}: an ensemble needs "
@@ -194,7 +201,7 @@ def evaluate(
         image_size=int(info["image_size"]),
         resize_size=int(info["resize_size"]),
         eval_crops=crops,
-        resize_method=info.get("config", {}).get("resize_method", "bilinear"),  # as the run was trained
+        resize_method=runinfo.resize_method(info),  # as the run was trained
     )
     eval_ds = pipeline.eval_dataset(source.eval, aug, per_process_batch=batch_size)
     batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))

@@ -40,6 +40,7 @@ class Classifier:
     num_classes: int
     image_size: int
     resize_size: int
+    resize_method: str  # config.resize_method of the run (runinfo.resize_method)
     names: list[str]  # display name per output unit
     meta: dict[str, Any]
 
@@ -75,6 +76,7 @@ def load_classifier(path: str, *, image_size: int = -1, resize_size: int = -1) -
         num_classes=num_classes,
         image_size=int(image_size),
         resize_size=int(resize_size),
+        resize_method=runinfo.resize_method(meta.get("run_info")),
         names=runinfo.display_names(meta.get("class_names"), num_classes),
         meta=meta,
     )
@@ -87,19 +89,22 @@ def read_image(path: str) -> bytes:
         return handle.read()
 
 
-def preprocess(image_bytes: bytes, *, image_size: int, resize_size: int, crops: int = 1) -> np.ndarray:
+def preprocess(
+    image_bytes: bytes, *, image_size: int, resize_size: int, crops: int = 1, resize_method: str = "area"
+) -> np.ndarray:
     """Encoded image -> uint8 [crops, S, S, 3], exactly as evaluation sees it (the model normalises)."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, pipeline
 
     pipeline.hide_accelerators_from_tf()
+    sizes = dict(image_size=image_size, resize_size=resize_size, resize_method=resize_method)
     image_bytes = tf.constant(image_bytes)
     try:
         if crops == 10:
-            images = augment.eval_ten_crops(image_bytes, image_size=image_size, resize_size=resize_size)
+            images = augment.eval_ten_crops(image_bytes, **sizes)
         else:
-            images = augment.eval_image(image_bytes, image_size=image_size, resize_size=resize_size)[None]
+            images = augment.eval_image(image_bytes, **sizes)[None]
     except tf.errors.InvalidArgumentError as error:
         raise UserError(f"cannot decode the image ({error.message.splitlines()[0]}); use JPEG or PNG") from None
     return images.numpy()
@@ -121,7 +126,11 @@ def classify(
     results = []
     for path in paths:
         images = preprocess(
-            read_image(path), image_size=classifier.image_size, resize_size=classifier.resize_size, crops=crops
+            read_image(path),
+            image_size=classifier.image_size,
+            resize_size=classifier.resize_size,
+            crops=crops,
+            resize_method=classifier.resize_method,
         )
         probs = np.asarray(probabilities(module, classifier.params, images)).mean(axis=0)  # [num_classes]
         order = np.argsort(-probs, kind="stable")[: min(top, classifier.num_classes)]

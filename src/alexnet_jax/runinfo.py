@@ -131,3 +131,13 @@ def display_names(class_names: list[str] | tuple[str, ...] | None, num_classes: 
             readable = {}
         names = [f"{readable[name]} ({name})" if name in readable else name for name in names]
     return names + [f"class {index}" for index in range(len(names), num_classes)]
+
+
+def resize_method(info: dict[str, Any] | None) -> str:
+    """How a run's crop windows were resized (config.resize_method), for evaluating it alike.
+
+    Runs recorded before the key existed shrank with an area filter, and converted
+    torchvision weights expect an antialiased shrink (PIL's): both get "area".
+    """
+    config = (info or {}).get("config") or {}
+    return str(config.get("resize_method", "area"))

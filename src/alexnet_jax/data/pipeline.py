@@ -52,8 +52,16 @@ def _options() -> tf.data.Options:
     options.experimental_optimization.inject_prefetch = True
     options.experimental_warm_start = True
     options.threading.max_intra_op_parallelism = 1
-    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.private_threadpool_size = _usable_cpus()
     return options
+
+
+def _usable_cpus() -> int:
+    """The cores this process may run on (CPU affinity, e.g. one slice per GPU process), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
