@@ -126,7 +126,7 @@ def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_
     assert predict.main([f"--checkpoint={out}", str(image)]) == 0
     shown = capsys.readouterr().out.splitlines()[1:6]
     pixels = predict.preprocess(image.read_bytes(), image_size=224, resize_size=256)  # uint8 [1, 224, 224, 3]
-    normalised = preprocess.normalize_numpy(pixels)  # torch takes what the model makes of the pixels
+    normalised = np.asarray(preprocess.model_input(pixels))  # torch takes what the model makes of the pixels
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy()))
         probabilities = torch.softmax(logits, dim=-1).numpy()[0]

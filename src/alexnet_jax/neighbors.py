@@ -112,15 +112,12 @@ def find_neighbors(
     pipeline.hide_accelerators_from_tf()
     features = make_feature_fn(classifier)
     nearest = NearestK(features(query_images), k)
-    size, resize, method = classifier.image_size, classifier.resize_size, classifier.resize_method
+    sizes = classifier.sizes
     dataset = _examples(split)
     if max_images > 0:
         dataset = dataset.take(max_images)
     dataset = dataset.map(
-        lambda image, label: (
-            augment.eval_image(image, image_size=size, resize_size=resize, resize_method=method),
-            label,
-        ),
+        lambda image, label: (augment.eval_image(image, **sizes), label),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     labels: list[np.ndarray] = []
@@ -245,13 +242,7 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
     split = source.train if args.split == "train" else source.eval
     names = [_short(name) for name in runinfo.display_names(source.class_names, len(source.class_names))]
     query_bytes = [predict.read_image(path) for path in args.query]
-    size, resize = classifier.image_size, classifier.resize_size
-    queries = np.concatenate(
-        [
-            predict.preprocess(b, image_size=size, resize_size=resize, resize_method=classifier.resize_method)
-            for b in query_bytes
-        ]
-    )
+    queries = np.concatenate([predict.preprocess(b, **classifier.sizes) for b in query_bytes])
     indices, distances, labels = find_neighbors(
         classifier, queries, split, k=args.k, batch_size=args.batch_size, max_images=args.max_images
     )

@@ -47,6 +47,11 @@ class Classifier:
     def module(self) -> model_lib.AlexNet:
         return model_lib.AlexNet(variant=self.variant, num_classes=self.num_classes)
 
+    @property
+    def sizes(self) -> dict[str, Any]:
+        """The preprocessing it was trained with: keyword arguments of preprocess / augment.eval_image."""
+        return dict(image_size=self.image_size, resize_size=self.resize_size, resize_method=self.resize_method)
+
 
 def load_classifier(path: str, *, image_size: int = -1, resize_size: int = -1) -> Classifier:
     """A workdir or converted checkpoint; sizes: -1 = as trained (224 and 256 where unknown)."""
@@ -98,16 +103,17 @@ def preprocess(
     from alexnet_jax.data import augment, pipeline
 
     pipeline.hide_accelerators_from_tf()
-    sizes = dict(image_size=image_size, resize_size=resize_size, resize_method=resize_method)
-    image_bytes = tf.constant(image_bytes)
     try:
-        if crops == 10:
-            images = augment.eval_ten_crops(image_bytes, **sizes)
-        else:
-            images = augment.eval_image(image_bytes, **sizes)[None]
+        images = augment.eval_images(
+            tf.constant(image_bytes),
+            crops=crops,
+            image_size=image_size,
+            resize_size=resize_size,
+            resize_method=resize_method,
+        )
     except tf.errors.InvalidArgumentError as error:
         raise UserError(f"cannot decode the image ({error.message.splitlines()[0]}); use JPEG or PNG") from None
-    return images.numpy()
+    return images.numpy().reshape((crops, image_size, image_size, 3))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -125,13 +131,7 @@ def classify(
     module = classifier.module()
     results = []
     for path in paths:
-        images = preprocess(
-            read_image(path),
-            image_size=classifier.image_size,
-            resize_size=classifier.resize_size,
-            crops=crops,
-            resize_method=classifier.resize_method,
-        )
+        images = preprocess(read_image(path), crops=crops, **classifier.sizes)
         probs = np.asarray(probabilities(module, classifier.params, images)).mean(axis=0)  # [num_classes]
         order = np.argsort(-probs, kind="stable")[: min(top, classifier.num_classes)]
         results.append([(classifier.names[i], float(probs[i])) for i in order])

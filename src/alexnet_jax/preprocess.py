@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # ImageNet RGB statistics for pixels in [0, 1] (REFERENCE.md).
 MEAN_RGB = (0.485, 0.456, 0.406)
@@ -46,9 +45,3 @@ def model_input(images: jax.Array, color_offsets: jax.Array | None = None) -> ja
         offsets = color_offsets.astype(jnp.float32).reshape((color_offsets.shape[0],) + (1,) * (images.ndim - 2) + (3,))
         shift = shift + offsets / stddev
     return images.astype(jnp.float32) * (1.0 / (255.0 * stddev)) + shift
-
-
-def normalize_numpy(images: np.ndarray) -> np.ndarray:
-    """model_input's normalisation in numpy, for reference and for hosts without a device step."""
-    pixels = images.astype(np.float32) / 255.0
-    return (pixels - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)

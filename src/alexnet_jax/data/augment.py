@@ -174,3 +174,15 @@ def eval_ten_crops(
         fn_output_signature=tf.uint8,
     )  # [5, S, S, 3]
     return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+
+
+def eval_images(
+    image_bytes: tf.Tensor, *, crops: int, image_size: int, resize_size: int, resize_method: str = "bilinear"
+) -> tf.Tensor:
+    """What evaluation feeds the model: uint8 [S, S, 3] (crops=1, the centre) or [10, S, S, 3] (crops=10)."""
+    sizes = dict(image_size=image_size, resize_size=resize_size, resize_method=resize_method)
+    if crops == 10:
+        return eval_ten_crops(image_bytes, **sizes)
+    if crops == 1:
+        return eval_image(image_bytes, **sizes)
+    raise ValueError(f"crops={crops} is unsupported; use 1 (centre) or 10 (the paper's test)")

@@ -182,11 +182,13 @@ def eval_dataset(
         num_local = len(local_indices(split.num_examples, process_index, process_count))
 
     def prepare(image_bytes, label):
-        sizes = dict(image_size=aug.image_size, resize_size=aug.resize_size, resize_method=aug.resize_method)
-        if aug.eval_crops == 10:
-            image = augment.eval_ten_crops(image_bytes, **sizes)
-        else:
-            image = augment.eval_image(image_bytes, **sizes)
+        image = augment.eval_images(
+            image_bytes,
+            crops=aug.eval_crops,
+            image_size=aug.image_size,
+            resize_size=aug.resize_size,
+            resize_method=aug.resize_method,
+        )
         return {"images": image, "labels": tf.cast(label, tf.int32), "mask": tf.constant(1, tf.int32)}
 
     dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
