@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import xla_flags
+from alexnet_jax import cli
 from alexnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -31,15 +31,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         lines = (line.strip().strip("'\"") for line in text.splitlines())
         message = " ".join(line for line in lines if line) or type(error).__name__
         print(f"error: {message} (see {argv[0]} --helpfull)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(cli.EXIT_USER_ERROR)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    xla_flags.configure()  # before anything starts a JAX backend
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
-    logging.getLogger("alexnet_jax").setLevel(logging.INFO)
+    cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
     from alexnet_jax import parallel, train
 
     try:
@@ -47,9 +45,10 @@ def main(argv: list[str]) -> None:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        cli.print_error(error)
+        sys.exit(cli.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
+    cli.quiet_tensorflow()  # before TensorFlow loads (the config files import nothing of it)
     app.run(main, flags_parser=parse_flags)

@@ -28,9 +28,25 @@ import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from alexnet_jax import xla_flags  # noqa: E402  (must run before jax initialises its backend)
-
 WEIGHT_DECAY = {"paper": 5e-4, "torchvision": 1e-4}
+# Measured alternatives for XLA:CPU (README, Performance); none gave a gain so far, so
+# training sets no flags. XLA reads XLA_FLAGS once, when the first backend starts.
+XLA_CPU_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "onednn": ("--xla_cpu_use_onednn=true",),
+    "xnnpack": ("--xla_cpu_use_xnnpack=true",),
+    "xnn_fusion": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",),
+    "ynn_conv": ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot",),
+}
+
+
+def configure_xla(preset: str) -> str:
+    """Prepend the preset's flags to XLA_FLAGS (user flags come last and win); returns XLA_FLAGS."""
+    user = os.environ.get("XLA_FLAGS", "").split()
+    combined = " ".join([flag for flag in XLA_CPU_PRESETS[preset] if flag not in user] + user)
+    if combined:
+        os.environ["XLA_FLAGS"] = combined
+    return combined
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--backward_impl",
         default="auto",
-        help="model.BACKWARD_IMPLS entry; a comma list (fast,lax) times each in one run, the first is reported",
+        help="auto, fast or lax (config.backward_impl); a comma list (fast,lax) times each, the first is reported",
+    )
+    parser.add_argument(
+        "--input_scale", default="auto", help="auto, raw or standardized (config.input_scale); auto = the variant's"
     )
     parser.add_argument("--input", choices=("synthetic", "demo"), default="synthetic")
     parser.add_argument("--compare_torch", action="store_true", help="also time PyTorch in the same run")
@@ -54,21 +73,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--torch_compile", action="store_true")
     parser.add_argument(
         "--xla_cpu_flags",
-        choices=xla_flags.CPU_PRESETS,
-        default="default",
-        help="XLA:CPU flag preset (see alexnet_jax.xla_flags); 'none' adds nothing",
+        choices=tuple(XLA_CPU_PRESETS),
+        default="none",
+        help="XLA:CPU flag preset; 'none' adds nothing",
     )
     parser.add_argument("--label", default="", help="free text copied into the JSON line")
     return parser.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace) -> types.SimpleNamespace:
-    """The keys optim.make_schedule/make_optimizer and train.create_model read (no ml_collections)."""
+    """The keys optim.make_schedule/make_optimizer and steps.create_model read (no ml_collections)."""
     return types.SimpleNamespace(
         model=args.model,
         init="modern",
         dropout_rate=0.5,
         dtype=args.dtype,
+        input_scale=args.input_scale,
+        backward_impl=args.backward_impl.split(",")[0],
         optimizer="sgd",
         batch_size=args.batch_size,
         learning_rate=0.01,
@@ -107,21 +128,21 @@ class JaxBench:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel, train
+        from alexnet_jax import optim, parallel, steps
 
         self.jax, self.args = jax, args
-        self.train = train
         config = bench_config(args)
+        config.backward_impl = backward_impl
         devices = jax.local_device_count()
         if args.batch_size % devices:
             raise SystemExit(f"--batch_size={args.batch_size} must divide by the {devices} local devices")
         self.devices, self.per_device = devices, args.batch_size // devices
-        model = train.create_model(config, args.num_classes).clone(backward_impl=backward_impl)
+        model = steps.create_model(config, args.num_classes)
         schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
         tx = optim.make_optimizer(config, schedule)
         init_rng, self.dropout_rng = jax.random.split(jax.random.key(0))
-        self.state = train.init_state(model, tx, init_rng, args.image_size)
-        self.p_train, _ = train.make_steps(model, tx, schedule)
+        self.state = steps.init_state(model, tx, init_rng, args.image_size)
+        self.p_train, _ = steps.make_steps(model, tx, schedule)
         rng = np.random.default_rng(0)
         shape = (devices, self.per_device, args.image_size, args.image_size, 3)
         host = {  # what the input pipeline ships: uint8 pixels and a PCA colour offset per image
@@ -130,6 +151,7 @@ class JaxBench:
             "color": rng.normal(0, 0.01, (devices, self.per_device, 3)).astype(np.float32),
         }
         self.batch = parallel.shard_to_devices(host)
+        self.input_scale = model.input_scale
         start = time.perf_counter()
         self.run(1)
         self.compile_s = time.perf_counter() - start
@@ -232,17 +254,14 @@ def torch_alexnet(nn, variant: str, num_classes: int):
         nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2),
     )
+    if variant == "paper":  # fc -> ReLU -> dropout, as the paper (same cost as the inverted kind)
+        classifier = [nn.Linear(c5 * 36, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5)]
+        classifier += [nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5)]
+    else:  # torchvision: dropout -> fc -> ReLU
+        classifier = [nn.Dropout(0.5), nn.Linear(c5 * 36, 4096), nn.ReLU(inplace=True)]
+        classifier += [nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True)]
     return nn.Sequential(
-        features,
-        nn.AdaptiveAvgPool2d((6, 6)),
-        nn.Flatten(),
-        nn.Dropout(0.5),
-        nn.Linear(c5 * 36, 4096),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.5),
-        nn.Linear(4096, 4096),
-        nn.ReLU(inplace=True),
-        nn.Linear(4096, num_classes),
+        features, nn.AdaptiveAvgPool2d((6, 6)), nn.Flatten(), *classifier, nn.Linear(4096, num_classes)
     )
 
 
@@ -264,15 +283,16 @@ def demo_batches(args, devices: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    applied = xla_flags.configure(args.xla_cpu_flags)
+    applied = configure_xla(args.xla_cpu_flags)
     import jax
 
     from alexnet_jax import model as model_lib
+    from alexnet_jax import steps
 
     impls = args.backward_impl.split(",")
     for impl in impls:
-        if impl not in model_lib.BACKWARD_IMPLS:
-            raise SystemExit(f"--backward_impl={impl} is unknown; use {model_lib.BACKWARD_IMPLS}")
+        if impl not in steps.BACKWARD_IMPL_CHOICES:
+            raise SystemExit(f"--backward_impl={impl} is unknown; use {steps.BACKWARD_IMPL_CHOICES}")
     jax_benches = {impl: JaxBench(args, impl) for impl in impls}
     jax_bench = jax_benches[impls[0]]
     result = {
@@ -295,7 +315,8 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "compile_s": round(jax_bench.compile_s, 2),
         "backward_impl": args.backward_impl,
-        "backward_impl_resolved": model_lib.resolve_backward_impl(impls[0]),
+        "backward_impl_resolved": steps.resolve_backward_impl(impls[0]),
+        "input_scale": jax_bench.input_scale,
         "label": args.label,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }

@@ -29,6 +29,7 @@ def get_config():
     config.dataset = "imagenet2012"
     config.model = "torchvision"
     config.init = "modern"
+    config.input_scale = "standardized"  # He init and the torchvision variant: unit-scale inputs
     config.batch_size = 8192
     config.optimizer = "lars"
     config.learning_rate = 0.25  # for batch 256; x32 at 8,192 (linear scaling) = 8.0

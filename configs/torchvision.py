@@ -9,7 +9,8 @@ groups. Recipe: SGD momentum 0.9, weight decay 1e-4, lr 0.01 x0.1 every 30
 epochs. (torchvision used RandomResizedCrop; we keep the paper's crop, flip and
 colour noise.)
 Expected result: about 56.5% top-1 / 79.1% top-5 accuracy, single centre crop
-(torchvision's IMAGENET1K_V1 weights).
+(torchvision's IMAGENET1K_V1 weights). Input: ImageNet mean/std standardised, as
+torchvision trains and as its published weights expect.
 """
 
 from alexnet_jax.config import base_config
@@ -20,6 +21,7 @@ def get_config():
     config.dataset = "imagenet2012"
     config.model = "torchvision"
     config.init = "modern"
+    config.input_scale = "standardized"  # torchvision's (and its weights')
     config.image_size = 224
     config.batch_size = 256
     config.learning_rate = 0.01

@@ -25,6 +25,67 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def child_env(devices=None, **extra):
+    """The environment of a child process running this checkout's code (not whatever an editable install
+    points to): PYTHONPATH names the checkout's src/ first, JAX on the CPU, `devices` fake CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src"), REPO])
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+class OutputReader:
+    """A child's stdout, read by a thread, so waiting for a line has a deadline even if the child hangs silent."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+
+        self.lines, self.seen = queue.Queue(), []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream):
+        for line in iter(stream.readline, ""):
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern, timeout=300):
+        """Lines read until one matches `pattern`; fails at the deadline or when the child's output ends."""
+        import queue
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.01))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line matching {pattern!r} within {timeout} s:\n{''.join(self.seen)}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"output ended without a line matching {pattern!r}:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return "".join(self.seen)
+
+    def rest(self, timeout=120):
+        """Everything the child prints until its output ends (after it exits)."""
+        import queue
+
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"the child's output did not end within {timeout} s") from None
+            if line is None:
+                return "".join(self.seen)
+            self.seen.append(line)
+
+
 def write_image_folder(root, *, classes=3, train_per_class=6, eval_per_class=(3, 2, 2), seed=0):
     """A real image-folder dataset: JPEGs of assorted sizes, one PNG, under train/ and validation/.
 
@@ -50,3 +111,36 @@ def write_image_folder(root, *, classes=3, train_per_class=6, eval_per_class=(3,
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "rocket", "immunohistochemistry")
+
+
+def write_photo_folder(root, *, train_per_class=60, eval_per_class=10, crop=160, seed=0):
+    """An image folder of real photographs (scikit-image's sample images): one class per photo.
+
+    Each example is a random square crop of its photo (a third to two thirds of the
+    shorter side) resized to crop x crop, saved as JPEG: a small real-photo task on
+    which a recipe that learns leaves chance quickly.
+    """
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(PHOTOS):
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        width, height = photo.size
+        for split, count in (("train", train_per_class), ("validation", eval_per_class)):
+            class_dir = root / split / name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                side = int(rng.integers(min(width, height) // 3, 2 * min(width, height) // 3))
+                left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+                patch = photo.crop((left, top, left + side, top + side)).resize((crop, crop), Image.BILINEAR)
+                patch.save(class_dir / f"{label}_{index:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))

@@ -104,21 +104,27 @@ def test_flip_mirrors_or_keeps(mode):
     assert outcomes == {"kept", "flipped"}
 
 
+def expected_pca_offset(pca_seed, stddev):
+    """The paper's colour noise computed independently: P (alpha * lambda), alpha = stddev * N(0, 1) from the seed."""
+    alpha = stddev * tf.random.stateless_normal([3], seed=pca_seed).numpy().astype(np.float64)
+    return np.array(augment.PCA_EIGVEC) @ (alpha * np.array(augment.PCA_EIGVAL))
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_pca_noise_is_one_rgb_offset_with_the_papers_scale(mode):
-    if mode == "eager":
-        offsets = np.array([augment.pca_offset(seed(i), 0.1).numpy() for i in range(400)])
-    else:  # one dataset of 400 seeds: 400 one-element datasets cost seconds each
-        seeds = tf.data.Dataset.range(400).map(lambda i: tf.stack([tf.constant(7, tf.int64), i]))
-        offsets = np.array(list(seeds.map(lambda s: augment.pca_offset(s, 0.1)).as_numpy_iterator()))
-    assert offsets.shape == (400, 3)
-    eigvec, eigval = np.array(augment.PCA_EIGVEC), np.array(augment.PCA_EIGVAL)
-    expected_std = np.sqrt(((eigvec * eigval * 0.1) ** 2).sum(axis=1))  # per RGB channel
-    np.testing.assert_allclose(offsets.std(axis=0), expected_std, rtol=0.15)
-    assert np.all(np.abs(offsets.mean(axis=0)) < 3 * expected_std / np.sqrt(400) + 1e-4)
-    # the offset lies in the span of the eigenvectors scaled by their eigenvalues: alpha = P^-1 offset / lambda
-    alphas = np.linalg.solve(eigvec, offsets.T).T / eigval
-    np.testing.assert_allclose(alphas.std(axis=0), 0.1, rtol=0.15)
+def test_pca_noise_is_exactly_the_papers_offset_from_its_seed(mode):
+    seeds = [seed(i) for i in range(20)]
+    offsets = np.array([run(mode, lambda s: augment.pca_offset(s, 0.1), s) for s in seeds])
+    expected = np.array([expected_pca_offset(s, 0.1) for s in seeds])
+    np.testing.assert_allclose(offsets, expected, rtol=1e-5, atol=1e-8)
+    assert len({tuple(o) for o in offsets.round(8)}) == 20  # every seed its own offset
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_train_image_takes_its_colour_offset_from_the_third_part_of_its_seed(mode):
+    data = tf.constant(encode(coordinate_image(40, 50)))
+    _, offset = run(mode, lambda b, s: augment.train_image(b, s, image_size=32, resize_size=37), data, seed(4))
+    pca_seed = tf.random.experimental.stateless_split(seed(4), 3)[2]
+    np.testing.assert_allclose(offset, expected_pca_offset(pca_seed, 0.1), rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("mode", MODES)

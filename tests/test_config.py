@@ -18,16 +18,19 @@ def test_the_shipped_recipes_validate(name):
     config = module.get_config()
     config_lib.validate(config, device_count=8)
     assert config.resize_method == "bilinear" and config_lib.resize_size(config) >= config.image_size
+    assert config.input_scale in ("auto", "raw", "standardized")
 
 
 @pytest.mark.parametrize(
     "key, value, expected",
     [
         ("resize_method", "lanczos", "use 'bilinear' or 'area'"),
-        ("eval_crops", 5, "use 1 (centre) or 10"),
+        ("eval_crops", 5, "use 1 or 10"),
         ("dropout_rate", 1.0, "must lie in [0, 1)"),
         ("resize_size", 100, "smaller than image_size=224"),
         ("parallelism", "dp", "use 'pmap' or 'shard_map'"),
+        ("input_scale", "centred", "use 'auto' or 'raw' or 'standardized'"),
+        ("backward_impl", "cudnn", "use 'auto' or 'fast' or 'lax'"),
     ],
 )
 def test_bad_values_name_the_key_and_what_to_use(key, value, expected):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import convert, predict, preprocess, runinfo
+from alexnet_jax import convert, predict, preprocess, runinfo, train, trained
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -111,10 +111,11 @@ def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_
     assert convert.main([f"--pth={pth}", f"--out={out}"]) == 0
     assert "61,100,840 parameters" in capsys.readouterr().out
 
-    params, meta = convert.load_params(str(out))
-    assert meta["model"] == "torchvision" and meta["num_classes"] == 1000
-    assert (meta["image_size"], meta["resize_size"]) == (224, 256)
-    assert meta["class_names"][281] == "n02123045"  # tabby cat, in TFDS's and torchvision's order
+    loaded = trained.load(str(out))
+    params = loaded.params
+    assert loaded.variant == "torchvision" and loaded.num_classes == 1000
+    assert (loaded.image_size, loaded.resize_size, loaded.input_scale) == (224, 256, "standardized")
+    assert loaded.class_names[281] == "n02123045"  # tabby cat, in TFDS's and torchvision's order
     assert json.loads((out / "model.json").read_text())["source"]["file"] == "alexnet.pth"
     expected = convert.from_torchvision(state_dict)
     for layer in expected:
@@ -141,11 +142,11 @@ def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_
     # A run starts from it: every layer copied; fc8 stays fresh for another class count.
     fresh = jax.tree_util.tree_map(np.zeros_like, expected)
     fresh["fc8"] = {"kernel": np.ones((4096, 5), np.float32), "bias": np.zeros(5, np.float32)}
-    merged = convert.init_params_from(str(out), fresh, "torchvision")
+    merged = train.init_params_from(loaded, fresh, "torchvision")
     np.testing.assert_array_equal(merged["conv1"]["kernel"], expected["conv1"]["kernel"])
     np.testing.assert_array_equal(merged["fc8"]["kernel"], fresh["fc8"]["kernel"])
     with pytest.raises(UserError, match="config.model='paper'"):
-        convert.init_params_from(str(out), fresh, "paper")
+        train.init_params_from(loaded, fresh, "paper")
 
 
 class _Payload:

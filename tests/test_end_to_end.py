@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 sys.path.insert(0, REPO)
 import launch  # noqa: E402
@@ -38,6 +38,7 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
         "--config.eval_every_steps=2",
         "--config.checkpoint_every_steps=2",
         "--config.num_classes=-1",
+        "--config.schedule=constant",  # the lr does not depend on num_train_steps, which the resume raises
     ]
     _run_launch(workdir, *common, "--config.num_train_steps=3", monkeypatch=monkeypatch)
     records = metrics_lib.read_metrics(str(workdir))
@@ -65,11 +66,20 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5]
     assert "4" in os.listdir(workdir / "checkpoints") and "5" in os.listdir(workdir / "checkpoints")
     json.dumps(records)  # plain JSON all through
+    assert all(0.0 <= r["train/data_wait_frac"] <= 1.0 for r in records if "train/loss" in r)
+
+    # The resumed steps read the batches a straight run reads at those steps (not the first ones again).
+    _run_launch(tmp_path / "straight", *common, "--config.num_train_steps=5", monkeypatch=monkeypatch)
+    keys = ("train/loss", "train/top1_acc", "train/grad_norm")
+    straight_records = metrics_lib.read_metrics(str(tmp_path / "straight"))
+    straight = {r["step"]: [r[k] for k in keys] for r in straight_records if "train/loss" in r}
+    resumed = {r["step"]: [r[k] for k in keys] for r in records if "train/loss" in r}
+    assert resumed == {step: straight[step] for step in resumed}
 
 
 def _launch_subprocess(workdir, *overrides, devices=8):
     """Start launch.py in a child process (returns the Popen; output captured as text)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = child_env(devices)
     command = [
         sys.executable,
         os.path.join(REPO, "launch.py"),

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import checkpoint, evaluate, runinfo, train
+from alexnet_jax import checkpoint, evaluate, runinfo, steps
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.config import base_config
 
@@ -19,9 +19,10 @@ def two_runs(image_folder, tmp_path_factory):
     config = base_config()
     config.dataset, config.data_dir = "image_folder", str(image_folder)
     config.image_size, config.init, config.num_classes = 63, "modern", 3
-    model = train.create_model(config, 3)
+    config.eval_crops = 10  # the paper's test: evaluate's default for these runs
+    model = steps.create_model(config, 3)
     tx = optax.sgd(0.01)
-    state = train.init_state(model, tx, jax.random.key(0), config.image_size)
+    state = steps.init_state(model, tx, jax.random.key(0), config.image_size)
     noise = jax.random.normal(jax.random.key(1), state.params["fc8"]["kernel"].shape)
     other_fc8 = {"kernel": state.params["fc8"]["kernel"] + 0.05 * noise, "bias": state.params["fc8"]["bias"]}
     other = state.replace(params={**state.params, "fc8": other_fc8})
@@ -29,9 +30,16 @@ def two_runs(image_folder, tmp_path_factory):
     for name, run_state in (("a", state), ("b", other)):
         workdir = str(tmp_path_factory.mktemp(f"run_{name}"))
         saver = checkpoint.Checkpointer(workdir)
-        saver.save(0, run_state, train.model_meta(config, 3))
+        saver.save(0, run_state, {"model": config.model, "num_classes": 3, "optimizer": config.optimizer})
         saver.close()
-        runinfo.write_run_info(workdir, config, ("class_0", "class_1", "class_2"))
+        runinfo.write_run_info(
+            workdir,
+            config,
+            ("class_0", "class_1", "class_2"),
+            num_classes=3,
+            resize_size=72,
+            input_scale=model.input_scale,
+        )
         workdirs.append(workdir)
     return workdirs
 
@@ -71,6 +79,13 @@ def test_cli_ten_crops_out_and_metrics(two_runs, tmp_path, capsys):
     written = metrics_lib.read_metrics(two_runs[0])
     assert written[-1]["eval/top1_acc"] == record["eval/top1_acc"] and written[-1]["eval/crops"] == 10
     assert not os.path.exists(lines[1])  # only the first workdir, and only when asked
+
+
+def test_evaluate_defaults_to_the_runs_own_eval_crops(two_runs, tmp_path):
+    defaulted, _ = evaluate.evaluate(two_runs[:1], batch_size=8)
+    assert defaulted["crops"] == 10  # config.eval_crops of the run, as the paper's figures are
+    centre, _ = evaluate.evaluate(two_runs[:1], crops=1, batch_size=8)
+    assert centre["crops"] == 1 and centre["eval/loss"] != defaulted["eval/loss"]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

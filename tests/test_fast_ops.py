@@ -129,7 +129,10 @@ def test_model_backward_impls_agree():
 
 def test_auto_backward_impl_is_fast_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert model_lib.resolve_backward_impl("auto") == "fast"
-    assert model_lib.resolve_backward_impl("lax") == "lax"
+    from alexnet_jax import steps
+
+    assert steps.resolve_backward_impl("auto") == "fast"
+    assert steps.resolve_backward_impl("auto", backend="gpu") == "lax"
+    assert steps.resolve_backward_impl("lax") == "lax"
     with pytest.raises(ValueError, match="backward_impl"):
         model_lib.AlexNet(backward_impl="nope").init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)), train=False)

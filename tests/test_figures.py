@@ -1,6 +1,6 @@
 """Predict, nearest neighbours (Figure 4), conv1 filters (Figure 3) and training curves, on a real workdir.
 
-The workdir is made as a run makes it: a TrainState from train.init_state saved
+The workdir is made as a run makes it: a TrainState from steps.init_state saved
 by the project's Checkpointer, and config.json from runinfo.write_run_info. No
 training is needed: the tools must reproduce what the saved params compute.
 """
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_jax import checkpoint, convert, figures, neighbors, plot, predict, runinfo, train
+from alexnet_jax import checkpoint, figures, neighbors, plot, predict, runinfo, steps, trained
 from alexnet_jax import config as config_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax.data import augment
@@ -33,11 +33,13 @@ def run(image_folder, tmp_path_factory):
     config.image_size = IMAGE_SIZE
     # He init: unlike the paper's N(0, 0.01), its outputs depend clearly on the input.
     model = model_lib.AlexNet(variant="paper", num_classes=3, init_scheme="modern")
-    state = train.init_state(model, optax.sgd(0.01), jax.random.key(0), IMAGE_SIZE)
+    state = steps.init_state(model, optax.sgd(0.01), jax.random.key(0), IMAGE_SIZE)
     checkpointer = checkpoint.Checkpointer(workdir)
     checkpointer.save(0, state, {"model": "paper", "num_classes": 3, "optimizer": "sgd"})
     checkpointer.close()
-    runinfo.write_run_info(workdir, config, ("class_0", "class_1", "class_2"))
+    runinfo.write_run_info(
+        workdir, config, ("class_0", "class_1", "class_2"), num_classes=3, resize_size=73, input_scale="standardized"
+    )
     return workdir, config, state
 
 
@@ -52,11 +54,11 @@ def test_run_info_and_params_come_back(run, image_folder):
     assert (info["image_size"], info["resize_size"], info["model"], info["num_classes"]) == (64, 73, "paper", 3)
     assert info["class_names"] == ["class_0", "class_1", "class_2"]
     assert info["config"]["batch_size"] == 128
-    params, meta = convert.load_params(workdir)
-    assert (meta["step"], meta["model"], meta["image_size"]) == (0, "paper", 64)
+    loaded = trained.load(workdir)
+    assert (loaded.step, loaded.variant, loaded.image_size, loaded.input_scale) == (0, "paper", 64, "standardized")
     saved = jax.tree_util.tree_leaves(state.params)
-    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(params))
-    for restored, original in zip(jax.tree_util.tree_leaves(params), saved):
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(loaded.params))
+    for restored, original in zip(jax.tree_util.tree_leaves(loaded.params), saved):
         np.testing.assert_array_equal(restored, np.asarray(original))
 
 

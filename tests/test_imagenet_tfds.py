@@ -8,7 +8,7 @@ import sys
 import tarfile
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, child_env
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import demo  # noqa: E402  (configs/demo.py)
@@ -117,7 +117,7 @@ def test_launch_without_tars_stops_at_once(tmp_path):
         f"--config.data_dir={empty}",
         f"--config.manual_dir={empty2}",
     ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = child_env()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert result.returncode != 0
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any state was made

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 from alexnet_jax import metrics as metrics_lib
 
@@ -23,7 +23,7 @@ def _free_port():
 
 def _start_pair(workdir, digits_dir, total_steps):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = child_env(2)
     processes = []
     for process_id in range(2):
         command = [

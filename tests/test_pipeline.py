@@ -50,6 +50,21 @@ def test_train_batches_shapes_and_determinism(image_folder):
     assert not np.array_equal(first[0]["images"], other[0]["images"])
 
 
+def test_colour_offsets_are_exactly_the_papers_noise_of_each_example(image_folder):
+    """Each example's offset comes from (seed, stream position): checked exactly, not statistically."""
+    import tensorflow as tf
+    from test_augment import expected_pca_offset
+
+    split = sources.image_folder(str(image_folder)).train
+    aug = pipeline.Augmentation(image_size=32, resize_size=37, pca_noise_std=0.1)
+    batches = _batches(pipeline.train_dataset(split, aug, per_process_batch=4, seed=3), 2)
+    colours = np.concatenate([b["color"] for b in batches])
+    for position, colour in enumerate(colours):
+        example_seed = tf.constant([3 * 2, position], tf.int64)
+        pca_seed = tf.random.experimental.stateless_split(example_seed, 3)[2]
+        np.testing.assert_allclose(colour, expected_pca_offset(pca_seed, 0.1), rtol=1e-5, atol=1e-8)
+
+
 def test_train_resumes_at_the_exact_position(image_folder):
     """Batches from start_step=k equal batches k, k+1, ... of an uninterrupted stream, across epochs."""
     split = sources.image_folder(str(image_folder)).train  # 18 examples: batch 4 crosses epochs

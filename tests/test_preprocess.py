@@ -38,9 +38,9 @@ def test_ten_crop_batches_and_floats():
     )
     floats = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(preprocess.model_input(floats)), floats)  # already normalised
-    with pytest.raises(ValueError, match="already normalised"):
+    with pytest.raises(ValueError, match="already model-ready"):
         preprocess.model_input(floats, np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8 pixels or normalised floats"):
+    with pytest.raises(ValueError, match="uint8 pixels or model-ready floats"):
         preprocess.model_input(floats.astype(np.int32))
 
 

@@ -7,21 +7,22 @@ import optax
 import pytest
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import optim, parallel, preprocess, train
+from alexnet_jax import optim, parallel, preprocess, steps
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 5
 
 
-def _setup(dropout_rate=0.0, learning_rate=0.01):
+def _setup(dropout_rate=0.0, learning_rate=0.01, input_scale="standardized"):
     config = config_lib.base_config()
     config.dropout_rate = dropout_rate
     config.learning_rate = learning_rate
-    config.init = "modern"
-    model = train.create_model(config, NUM_CLASSES)
+    config.init = "modern"  # He init with standardized inputs: the demo's recipe
+    config.input_scale = input_scale
+    model = steps.create_model(config, NUM_CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
     tx = optim.make_optimizer(config, schedule)
-    state = train.init_state(model, tx, jax.random.key(0), IMAGE_SIZE)
+    state = steps.init_state(model, tx, jax.random.key(0), IMAGE_SIZE)
     return model, tx, schedule, state
 
 
@@ -43,7 +44,7 @@ def test_eight_devices_give_the_one_device_update():
     assert jax.local_device_count() == 8
     model, tx, schedule, state = _setup()
     batch = _batch(16)
-    step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)
+    step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
     p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
     rng = jax.random.key(1)
     state_8, metrics_8 = p_step(state, parallel.shard_to_devices(_per_device(batch, 8)), rng)
@@ -63,14 +64,17 @@ def test_eight_devices_give_the_one_device_update():
     np.testing.assert_allclose(float(metrics_8["top1_acc"]), float(metrics_1["top1_acc"]))
 
 
-def test_pixels_and_colour_offsets_give_the_update_of_the_normalised_images():
-    """The step normalises uint8 pixels and adds each image's PCA offset, as a host would have."""
-    model, tx, schedule, state = _setup()
+@pytest.mark.parametrize("input_scale", ["standardized", "raw"])
+def test_pixels_and_colour_offsets_give_the_update_of_the_scaled_images(input_scale):
+    """The step scales uint8 pixels and adds each image's PCA offset, as a host would have."""
+    model, tx, schedule, state = _setup(input_scale=input_scale, learning_rate=1e-4)
+    assert model.input_scale == input_scale
     batch = _batch(4, seed=5)
     mean, std = np.array(preprocess.MEAN_RGB), np.array(preprocess.STDDEV_RGB)
-    normalised = (batch["images"] / 255.0 + batch["color"][:, None, None, :] - mean) / std
+    shifted = batch["images"] / 255.0 + batch["color"][:, None, None, :] - mean  # [0, 1] units
+    normalised = shifted / std if input_scale == "standardized" else 255.0 * shifted  # raw: centred 0-255 values
     reference = {"images": normalised.astype(np.float32), "labels": batch["labels"]}
-    step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)
+    step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
     one_device = jax.pmap(
         step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
     )
@@ -95,7 +99,7 @@ def test_step_sees_per_device_batch_and_state_is_one_copy():
     def spy(state, batch, rng):
         seen["images"] = batch["images"].shape
         seen["labels"] = batch["labels"].shape
-        return train.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
+        return steps.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
 
     p_step = jax.pmap(spy, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
     new_state, _ = p_step(state, parallel.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(0))
@@ -110,9 +114,9 @@ def test_dropout_masks_differ_across_devices_and_steps():
     model, tx, schedule, state = _setup(dropout_rate=0.5)
 
     def per_device_loss(state, batch, rng):
-        dropout_rng = train.dropout_key(rng, state.step)
+        dropout_rng = steps.dropout_key(rng, state.step)
         logits = model.apply({"params": state.params}, batch["images"], train=True, rngs={"dropout": dropout_rng})
-        return train.cross_entropy(logits, batch["labels"])
+        return steps.cross_entropy(logits, batch["labels"])
 
     p_loss = jax.pmap(per_device_loss, axis_name=parallel.AXIS, in_axes=(None, 0, None))
     same = jax.tree_util.tree_map(lambda v: np.stack([v] * 8), _batch(2))
@@ -124,27 +128,25 @@ def test_dropout_masks_differ_across_devices_and_steps():
 
 def test_eval_step_counts_only_unmasked_examples_and_averages_crops():
     model, tx, schedule, state = _setup()
-    p_eval = jax.pmap(
-        functools.partial(train.eval_step, model=model), axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None
-    )
+    p_eval = steps.make_eval_step((model,))
     batch = _batch(16)
     mask = np.ones(16, np.int32)
     mask[-5:] = 0
-    sums = p_eval(state, _per_device({**batch, "mask": mask}, 8))
+    sums, _ = p_eval((state.params,), _per_device({**batch, "mask": mask}, 8))
     assert float(sums["num_examples"]) == 11
     logits = model.apply({"params": state.params}, batch["images"][:11], train=False)
     expected = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"][:11]).sum())
     np.testing.assert_allclose(float(sums["loss"]), expected, rtol=1e-4)
     # a batch of identical crops gives the single-crop result
     crops = {**batch, "images": np.repeat(batch["images"][:, None], 3, axis=1), "mask": mask}
-    sums_crops = p_eval(state, _per_device(crops, 8))
+    sums_crops, _ = p_eval((state.params,), _per_device(crops, 8))
     np.testing.assert_allclose(float(sums_crops["loss"]), float(sums["loss"]), rtol=1e-4)
     assert float(sums_crops["top1_acc"]) == float(sums["top1_acc"])
 
 
 def test_a_few_steps_fit_a_batch():
     model, tx, schedule, state = _setup(learning_rate=0.002)
-    p_train, _ = train.make_steps(model, tx, schedule)
+    p_train, _ = steps.make_steps(model, tx, schedule)
     batch = parallel.shard_to_devices(_per_device(_batch(16), 8))
     losses = []
     for _ in range(8):
@@ -170,10 +172,12 @@ def test_shard_map_path_gives_the_pmap_update_on_eight_devices():
     rng = jax.random.key(7)
     results = {}
     for parallelism in ("pmap", "shard_map"):
-        p_train, p_eval = train.make_steps(model, tx, schedule, parallelism)
+        p_train, p_eval = steps.make_steps(model, tx, schedule, parallelism)
         start = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state))  # the step donates it
         new_state, metrics = p_train(start, batch, rng)
-        sums = p_eval(new_state, {**batch, "mask": parallel.shard_to_devices({"m": np.ones((8, 2), np.int32)})["m"]})
+        mask = parallel.shard_to_devices({"m": np.ones((8, 2), np.int32)})["m"]
+        sums, probs = p_eval((new_state.params,), {**batch, "mask": mask})
+        assert probs.shape == (8, 2, NUM_CLASSES)
         results[parallelism] = (jax.device_get(new_state), jax.device_get(metrics), jax.device_get(sums))
     (state_p, metrics_p, sums_p), (state_s, metrics_s, sums_s) = results["pmap"], results["shard_map"]
     assert int(state_s.step) == 1

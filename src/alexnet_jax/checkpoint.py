@@ -115,3 +115,103 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim  # the C library this process already has loaded
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         return None
+
+
+# --- The on-disk layouts that trained weights are read from (trained.load) ----------
+#
+# A run's workdir:    WORKDIR/checkpoints/<step>/{state,meta}   (Checkpointer above)
+#                     WORKDIR/config.json                       (runinfo.py)
+# A converted checkpoint (python -m alexnet_jax.convert):
+#                     DIR/params/      Orbax StandardSave of {"params": <Flax params>}
+#                     DIR/model.json   {"format": 1, "model": "torchvision", "num_classes": 1000,
+#                                       "image_size": 224, "resize_size": 256, "input_scale": "standardized",
+#                                       "class_names": [...] or null, "source": {...}}
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+CONVERTED_FORMAT = 1
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODEL_FILE))
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
+
+
+def save_converted(directory: str, params: Any, record: dict[str, Any]) -> str:
+    """Write a converted checkpoint (params + model.json). Returns its absolute path."""
+    import json
+
+    import numpy as np
+
+    directory = os.path.abspath(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        raise UserError(f"{params_dir} already exists; choose another --out or delete it")
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, {"params": jax.tree_util.tree_map(np.asarray, params)})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    with open(os.path.join(directory, MODEL_FILE), "w") as handle:
+        json.dump({"format": CONVERTED_FORMAT, **record}, handle, indent=1)
+    return directory
+
+
+def _host_target(metadata_tree: Any) -> Any:
+    # ShapeDtypeStructs without a sharding restore as host numpy arrays, on any device count.
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), metadata_tree)
+
+
+def load_converted(directory: str) -> tuple[Any, dict[str, Any]]:
+    """(params as host arrays, model.json) of a converted checkpoint."""
+    import json
+
+    with open(os.path.join(directory, MODEL_FILE)) as handle:
+        record = json.load(handle)
+    if record.get("format") != CONVERTED_FORMAT:
+        raise UserError(
+            f"{directory}/{MODEL_FILE} has format {record.get('format')!r}; this version reads {CONVERTED_FORMAT}"
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    target = _host_target(checkpointer.metadata(params_dir).item_metadata.tree)
+    restored = checkpointer.restore(params_dir, target)
+    checkpointer.close()
+    return restored["params"], record
+
+
+def load_run_params(workdir: str) -> tuple[Any, dict[str, Any], int]:
+    """(params as host arrays, the checkpoint's meta, step) of a run's newest checkpoint.
+
+    Read-only: the optimizer state is not read, nothing in the workdir is written.
+    """
+    import numpy as np
+
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise UserError(f"{directory} holds no finished checkpoint yet")
+        state_tree = manager.item_metadata(step)["state"]
+        state_tree = getattr(state_tree, "tree", state_tree)
+        target = {"params": _host_target(state_tree["params"])}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    finally:
+        manager.close()
+    return restored["state"]["params"], dict(restored["meta"]), int(step)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from alexnet_jax import model as model_lib
-from alexnet_jax import optim
+from alexnet_jax import optim, steps
+from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
 BUILTIN_DATASETS = ("image_folder", "demo_digits")
@@ -30,12 +31,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.resize_method = "bilinear"  # crop -> image_size: "bilinear" (fast) or "area" (antialiased)
     config.random_flip = True
     config.pca_noise_std = 0.1  # the paper's colour jitter; 0 turns it off
-    config.eval_crops = 1  # 1 = centre crop
+    config.eval_crops = 1  # 1 = centre crop, 10 = the paper's test (four corners, centre, mirrored)
     config.skip_bad_images = False  # image folders: drop (and log) truncated or non-image files instead of stopping
     # Model.
     config.model = "paper"  # "paper" or "torchvision"
     config.init = "paper"  # "paper" or "modern"
-    config.dropout_rate = 0.5
+    config.dropout_rate = 0.5  # paper variant: on fc6/fc7 outputs, x(1 - rate) at test; torchvision: inverted
+    # How uint8 pixels become model input: "raw" (the paper's centred 0-255 values),
+    # "standardized" (ImageNet mean/std, torchvision's) or "auto": the variant's own
+    # (raw for paper, standardized for torchvision), or what a resumed run or
+    # init_from weights were trained with.
+    config.input_scale = "auto"
+    # How convolutions and max-pools are differentiated: "fast" (hand-written, faster on
+    # XLA:CPU), "lax" (XLA's autodiff) or "auto" (fast on the CPU backend, lax elsewhere).
+    config.backward_impl = "auto"
     config.dtype = "float32"  # compute dtype; parameters stay float32
     config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
     # Optimisation.
@@ -66,66 +75,76 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def _choices() -> dict[str, tuple]:
+    """The keys that take one of a few values, with those values (each defined once, where it is used)."""
+    return {
+        "model": model_lib.VARIANTS,
+        "init": model_lib.INITS,
+        "dtype": tuple(steps.DTYPES),
+        "input_scale": steps.INPUT_SCALE_CHOICES,
+        "backward_impl": steps.BACKWARD_IMPL_CHOICES,
+        "schedule": optim.SCHEDULES,
+        "optimizer": optim.OPTIMIZERS,
+        "parallelism": steps.PARALLELISMS,
+        "lr_scaling": optim.LR_SCALINGS,
+        "resize_method": RESIZE_METHODS,
+        "eval_crops": EVAL_CROPS,
+    }
+
+
 def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1) -> None:
     """Reject impossible settings with a message that says what to do.
 
     Runs before any data is read or anything is compiled.
     """
-
-    def fail(message: str) -> None:
-        raise UserError(message)
-
-    if config.model not in model_lib.VARIANTS:
-        fail(f"config.model={config.model!r} is not an AlexNet variant; use one of {model_lib.VARIANTS}")
-    if config.init not in model_lib.INITS:
-        fail(f"config.init={config.init!r} is unknown; use one of {model_lib.INITS}")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"config.dtype={config.dtype!r} is unknown; use float32, bfloat16 or float16")
-    if config.schedule not in optim.SCHEDULES:
-        fail(f"config.schedule={config.schedule!r} is unknown; use one of {optim.SCHEDULES}")
-    if config.optimizer not in optim.OPTIMIZERS:
-        fail(f"config.optimizer={config.optimizer!r} is unknown; use one of {optim.OPTIMIZERS}")
-    if config.parallelism not in ("pmap", "shard_map"):
-        fail(f"config.parallelism={config.parallelism!r} is unknown; use 'pmap' or 'shard_map'")
+    for key, allowed in _choices().items():
+        if config[key] not in allowed:
+            what = "is not an AlexNet variant" if key == "model" else "is unknown"
+            listed = " or ".join(repr(value) for value in allowed)
+            raise UserError(f"config.{key}={config[key]!r} {what}; use {listed}")
     if config.parallelism == "shard_map" and process_count > 1:
-        fail("config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs")
-    if config.lr_scaling not in ("none", "linear"):
-        fail(f"config.lr_scaling={config.lr_scaling!r} is unknown; use 'none' or 'linear'")
+        raise UserError(
+            "config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs"
+        )
+    _validate_sizes(config)
+    _validate_counts(config, device_count)
+    if not 0.0 <= config.dropout_rate < 1.0:
+        raise UserError(f"config.dropout_rate={config.dropout_rate} must lie in [0, 1)")
+    if config.dataset == "image_folder" and not config.data_dir:
+        raise UserError(
+            "config.dataset='image_folder' needs config.data_dir=ROOT holding train/<class>/* and validation/<class>/*"
+        )
+
+
+def _validate_sizes(config: ml_collections.ConfigDict) -> None:
     minimum = model_lib.min_image_size()
     if config.image_size < minimum:
-        fail(
+        raise UserError(
             f"config.image_size={config.image_size} is too small for AlexNet's three 3x3/2 "
             f"poolings; use at least {minimum}"
         )
     if config.resize_size != -1 and config.resize_size < config.image_size:
-        fail(
+        raise UserError(
             f"config.resize_size={config.resize_size} is smaller than image_size={config.image_size}; "
             "use -1 (the paper's 256/224 ratio) or a size >= image_size"
         )
+
+
+def _validate_counts(config: ml_collections.ConfigDict, device_count: int) -> None:
     for key in ("batch_size", "learning_rate", "log_every_steps"):
         if config[key] <= 0:
-            fail(f"config.{key}={config[key]} must be positive")
+            raise UserError(f"config.{key}={config[key]} must be positive")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        fail("set config.num_epochs > 0 or config.num_train_steps > 0: there is nothing to train")
+        raise UserError("set config.num_epochs > 0 or config.num_train_steps > 0: there is nothing to train")
     for key in ("eval_every_steps", "checkpoint_every_steps", "eval_batch_size", "num_classes"):
         if config[key] == 0 or config[key] < -1:
-            fail(f"config.{key}={config[key]} must be positive, or -1 for the default")
+            raise UserError(f"config.{key}={config[key]} must be positive, or -1 for the default")
     for key in ("batch_size", "eval_batch_size"):
         if config[key] > 0 and config[key] % device_count:
-            fail(
+            raise UserError(
                 f"config.{key}={config[key]} is not divisible by the {device_count} devices of this run; "
                 f"use a multiple of {device_count}"
             )
-    if config.resize_method not in ("bilinear", "area"):
-        fail(f"config.resize_method={config.resize_method!r} is unknown; use 'bilinear' or 'area'")
-    if config.eval_crops not in (1, 10):
-        fail(f"config.eval_crops={config.eval_crops} is unsupported; use 1 (centre) or 10 (the paper's test)")
-    if not 0.0 <= config.dropout_rate < 1.0:
-        fail(f"config.dropout_rate={config.dropout_rate} must lie in [0, 1)")
-    if config.dataset == "image_folder" and not config.data_dir:
-        fail(
-            "config.dataset='image_folder' needs config.data_dir=ROOT holding train/<class>/* and validation/<class>/*"
-        )
 
 
 def resize_size(config: ml_collections.ConfigDict) -> int:

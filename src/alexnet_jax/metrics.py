@@ -26,6 +26,36 @@ def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (rank < k).astype(jnp.float32)
 
 
+def masked_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the real (mask 1) examples of probs [..., classes], labels [...], mask [...].
+
+    The loss is the negative log of the (crop- and model-averaged) probability of the
+    true label. Padding rows (mask 0) count nowhere, whatever they score.
+    """
+    probs = probs.reshape((-1, probs.shape[-1])).astype(jnp.float32)
+    labels, mask = labels.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+    log_probs = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return {
+        "loss": jnp.sum(nll * mask),
+        "top1_acc": jnp.sum(correct_top_k(probs, labels, 1) * mask),
+        "top5_acc": jnp.sum(correct_top_k(probs, labels, 5) * mask),
+        "num_examples": jnp.sum(mask),
+    }
+
+
+def eval_results(totals: dict[str, Any]) -> dict[str, float]:
+    """Summed masked_sums over a split -> the eval/ metrics (exact means over real examples)."""
+    totals = jax.device_get(totals)
+    count = float(totals["num_examples"])
+    return {
+        "eval/loss": float(totals["loss"]) / count,
+        "eval/top1_acc": float(totals["top1_acc"]) / count,
+        "eval/top5_acc": float(totals["top5_acc"]) / count,
+        "eval/num_examples": int(count),
+    }
+
+
 class MetricWriter:
     """Appends one JSON object per call to WORKDIR/metrics.jsonl and mirrors it to TensorBoard."""
 
@@ -85,16 +115,25 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """The console line: step, loss, images/s and the time left at the current training pace."""
+    """The console line: step, loss, images/s, the time left at the current pace, and input waits."""
 
-    def __init__(self, total_steps: int, global_batch: int):
+    def __init__(self, total_steps: int, global_batch: int, *, data_wait_shown: float = 0.1):
         self.total_steps = total_steps
         self.global_batch = global_batch
+        self.data_wait_shown = data_wait_shown
 
-    def line(self, step: int, loss: float, img_per_s: float) -> str:
+    def line(self, step: int, summary: dict[str, float]) -> str:
+        img_per_s = summary["train/img_per_s"]
         steps_per_s = img_per_s / self.global_batch
         remaining = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
-        return f"step {step}/{self.total_steps}  loss {loss:.4f}  {img_per_s:,.0f} img/s  ETA {_duration(remaining)}"
+        line = (
+            f"step {step}/{self.total_steps}  loss {summary['train/loss']:.4f}  {img_per_s:,.0f} img/s  "
+            f"ETA {_duration(remaining)}"
+        )
+        wait = summary.get("train/data_wait_frac", 0.0)
+        if wait > self.data_wait_shown:
+            line += f"  waiting for input {100 * wait:.0f}%"
+        return line
 
 
 def _duration(seconds: float) -> str:

@@ -19,10 +19,9 @@ VARIANTS = ("paper", "torchvision")
 INITS = ("paper", "modern")
 # How the convolutions and max-pools are differentiated. "fast": hand-written
 # backward passes (fast_ops.py: matmuls, forward convolutions, masks), measured
-# faster on XLA:CPU; "lax": JAX's autodiff of the lax ops. "auto" picks "fast"
-# on the CPU backend and "lax" elsewhere (untested there; cuDNN has fast
-# backward convolutions of its own). The math is the same either way.
-BACKWARD_IMPLS = ("auto", "fast", "lax")
+# faster on XLA:CPU; "lax": JAX's autodiff of the lax ops. The math is the same
+# either way. The caller picks (steps.create_model resolves config "auto" by backend).
+BACKWARD_IMPLS = ("fast", "lax")
 
 # Layer widths: conv1..conv5 then the two hidden fully connected layers.
 _WIDTHS = {
@@ -124,14 +123,43 @@ def _initializers(init: str, name: str) -> dict[str, Any]:
     }
 
 
-class AlexNet(nn.Module):
-    """AlexNet returning logits for NHWC images: uint8 RGB pixels, or normalised floats.
+class PaperDropout(nn.Module):
+    """Dropout as the paper had it: zero each unit with probability `rate` while training,
+    and multiply every output by (1 - rate) at test time.
 
-    variant: "paper" (96-256-384-384-256, two towers as feature groups, LRN) or
-      "torchvision" (the "one weird trick" widths 64-192-384-256-256, no LRN).
+    Flax's nn.Dropout is "inverted" (divides by 1 - rate while training, identity at
+    test). For the layer that follows, the two are not the same parameters: with
+    inverted dropout fc7 and fc8 see inputs twice as large in training, so their
+    weights, gradients, weight decay and effective learning rate all differ from the
+    paper's by that factor. This module keeps the paper's exactly.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        if not train:
+            return x * jnp.asarray(keep, x.dtype)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+class AlexNet(nn.Module):
+    """AlexNet returning logits for NHWC images: uint8 RGB pixels, or model-ready floats.
+
+    variant: "paper" (96-256-384-384-256, two towers as feature groups, LRN, dropout
+      on the outputs of fc6 and fc7 with the paper's test-time scaling) or
+      "torchvision" (the "one weird trick" widths 64-192-384-256-256, no LRN,
+      inverted dropout on the inputs of fc6 and fc7, so torchvision's weights load).
     dtype: the compute dtype; parameters stay float32.
     init_scheme: "paper" (N(0, 0.01) weights, bias 1 in conv2/4/5 and fc6/7) or "modern" (He).
-    backward_impl: one of BACKWARD_IMPLS; the same math and parameters either way, only the speed differs.
+    input_scale: how uint8 pixels become model input (preprocess.INPUT_SCALES): "raw" is
+      the paper's centred 0-255 values, "standardized" torchvision's mean/std scaling.
+    backward_impl: one of BACKWARD_IMPLS, chosen by the caller; the same math and
+      parameters either way, only the speed differs.
     """
 
     variant: str = "paper"
@@ -139,25 +167,47 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     init_scheme: str = "paper"
-    backward_impl: str = "auto"
+    input_scale: str = "standardized"
+    backward_impl: str = "lax"
 
-    @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown AlexNet variant {self.variant!r}; expected one of {VARIANTS}")
-        if self.init_scheme not in INITS:
-            raise ValueError(f"unknown init_scheme {self.init_scheme!r}; expected one of {INITS}")
+    def _check(self, images: jax.Array) -> None:
+        for name, value, allowed in (
+            ("variant", self.variant, VARIANTS),
+            ("init_scheme", self.init_scheme, INITS),
+            ("backward_impl", self.backward_impl, BACKWARD_IMPLS),
+            ("input_scale", self.input_scale, preprocess.INPUT_SCALES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if _final_map_size(min(images.shape[1:3])) < 1:
             raise ValueError(
                 f"images of {images.shape[1]}x{images.shape[2]} are too small for AlexNet: "
                 f"use at least {min_image_size()}x{min_image_size()}"
             )
-        if self.backward_impl not in BACKWARD_IMPLS:
-            raise ValueError(f"unknown backward_impl {self.backward_impl!r}; expected one of {BACKWARD_IMPLS}")
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        self._check(images)
+        paper = self.variant == "paper"
+        # uint8 pixels are scaled here (preprocess.py); floats are taken as model-ready.
+        x = preprocess.model_input(images, input_scale=self.input_scale).astype(self.dtype)  # [N, S, S, 3]
+        x = self._features(x, lrn=paper)  # [N, 6, 6, C5]
+        # Flatten in torchvision's C,H,W order so converted weights line up.
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # [N, C5*36]
+        for name, width in (("fc6", _WIDTHS[self.variant][5]), ("fc7", _WIDTHS[self.variant][6])):
+            if paper:  # fc -> ReLU -> dropout (the paper; Caffe's fc6, relu6, drop6)
+                x = nn.relu(self._dense(width, name)(x))
+                x = PaperDropout(self.dropout_rate, name=f"drop_{name}")(x, train=train)
+            else:  # dropout -> fc -> ReLU (torchvision's classifier)
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+                x = nn.relu(self._dense(width, name)(x))
+        logits = self._dense(self.num_classes, "fc8")(x)
+        return logits.astype(jnp.float32)  # [N, num_classes]
+
+    def _features(self, x: jax.Array, *, lrn: bool) -> jax.Array:
+        """conv1..pool5 and the adaptive pooling: [N, S, S, 3] -> [N, 6, 6, C5]."""
         widths, groups = _WIDTHS[self.variant], _GROUPS[self.variant]
-        lrn = self.variant == "paper"
-        fast = resolve_backward_impl(self.backward_impl) == "fast"
-        conv_fn = fast_ops.conv_general_dilated if fast else None
+        fast = self.backward_impl == "fast"
 
         def conv(x, index, kernel, stride, padding):
             name = f"conv{index + 1}"
@@ -167,7 +217,7 @@ class AlexNet(nn.Module):
                 strides=(stride, stride),
                 padding=((padding, padding), (padding, padding)),
                 feature_group_count=groups[index],
-                conv_general_dilated=conv_fn,
+                conv_general_dilated=fast_ops.conv_general_dilated if fast else None,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=name,
@@ -179,8 +229,6 @@ class AlexNet(nn.Module):
                 return fast_ops.max_pool(x, 3, 2)
             return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
-        # uint8 pixels are normalised here (preprocess.py); floats are taken as normalised.
-        x = preprocess.model_input(images).astype(self.dtype)  # [N, S, S, 3]
         x = nn.relu(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
             x = local_response_norm(x)
@@ -193,14 +241,7 @@ class AlexNet(nn.Module):
         x = nn.relu(conv(x, 3, 3, 1, 1))
         x = nn.relu(conv(x, 4, 3, 1, 1))
         x = pool(x)  # [N, 6, 6, C5]
-        x = adaptive_avg_pool(x, POOLED_SIZE)
-        # Flatten in torchvision's C,H,W order so converted weights line up.
-        x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # [N, C5*36]
-        for name, width in (("fc6", widths[5]), ("fc7", widths[6])):
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            x = nn.relu(self._dense(width, name)(x))
-        logits = self._dense(self.num_classes, "fc8")(x)
-        return logits.astype(jnp.float32)  # [N, num_classes]
+        return adaptive_avg_pool(x, POOLED_SIZE)
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(
@@ -210,13 +251,6 @@ class AlexNet(nn.Module):
             name=name,
             **_initializers(self.init_scheme, name),
         )
-
-
-def resolve_backward_impl(backward_impl: str) -> str:
-    """ "auto" -> "fast" on the CPU backend (where it is measured faster), else "lax"."""
-    if backward_impl != "auto":
-        return backward_impl
-    return "fast" if jax.default_backend() == "cpu" else "lax"
 
 
 def count_params(params: Any) -> int:

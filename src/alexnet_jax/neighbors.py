@@ -19,14 +19,13 @@ import functools
 import io
 import logging
 import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
+from alexnet_jax import cli, predict, runinfo, trained
 from alexnet_jax import model as model_lib
-from alexnet_jax import predict, runinfo
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,42 +36,30 @@ FEATURE_LAYER = "fc7"
 
 @functools.partial(jax.jit, static_argnums=0)
 def fc7_features(module: model_lib.AlexNet, params: Any, images: jax.Array) -> jax.Array:
-    """[N, S, S, 3] -> [N, 4096]: fc7's output after its ReLU (dropout is off in evaluation).
+    """[N, S, S, 3] -> [N, 4096]: the last hidden layer exactly as fc8 sees it in evaluation.
 
-    capture_intermediates records the Dense layer's output; the model applies the
-    ReLU right after it, so applying it here gives exactly the activation fc8 sees.
+    capture_intermediates records the layers' outputs, so the model, its parameter
+    names and its outputs stay as they are. The paper variant's fc7 output passes its
+    test-time dropout scaling (drop_fc7) before fc8; torchvision's fc7 only its ReLU.
     """
+    names = (FEATURE_LAYER, f"drop_{FEATURE_LAYER}")
     _, state = module.apply(
         {"params": params},
         images,
         train=False,
-        capture_intermediates=lambda layer, method: layer.name == FEATURE_LAYER and method == "__call__",
+        capture_intermediates=lambda layer, method: layer.name in names and method == "__call__",
         mutable=["intermediates"],
     )
-    return jax.nn.relu(state["intermediates"][FEATURE_LAYER]["__call__"][0])
+    captured = state["intermediates"]
+    if names[1] in captured:
+        return captured[names[1]]["__call__"][0]
+    return jax.nn.relu(captured[FEATURE_LAYER]["__call__"][0])
 
 
-def make_feature_fn(classifier: predict.Classifier):
+def make_feature_fn(classifier: trained.TrainedModel):
     """numpy images [N, S, S, 3] -> float64 fc7 features [N, 4096] (float64 for exact distances)."""
     module = classifier.module()
     return lambda images: np.asarray(fc7_features(module, classifier.params, images), np.float64)
-
-
-def _examples(split):
-    """tf.data of (encoded image, label) in the split's fixed order."""
-    import tensorflow as tf
-
-    from alexnet_jax.data.sources import FileSplit
-
-    if isinstance(split, FileSplit):
-        dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
-        return dataset.map(lambda path, label: (tf.io.read_file(path), label))
-    import tensorflow_datasets as tfds
-
-    dataset = split.builder.as_dataset(
-        split=split.split, shuffle_files=False, decoders={split.image_key: tfds.decode.SkipDecoding()}
-    )
-    return dataset.map(lambda example: (example[split.image_key], example[split.label_key]))
 
 
 class NearestK:
@@ -96,7 +83,7 @@ class NearestK:
 
 
 def find_neighbors(
-    classifier: predict.Classifier,
+    classifier: trained.TrainedModel,
     query_images: np.ndarray,
     split,
     *,
@@ -113,11 +100,11 @@ def find_neighbors(
     features = make_feature_fn(classifier)
     nearest = NearestK(features(query_images), k)
     sizes = classifier.sizes
-    dataset = _examples(split)
+    dataset = split.examples()
     if max_images > 0:
         dataset = dataset.take(max_images)
     dataset = dataset.map(
-        lambda image, label: (augment.eval_image(image, **sizes), label),
+        lambda ref, label: (augment.eval_image(split.read(ref), **sizes), label),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     labels: list[np.ndarray] = []
@@ -136,21 +123,6 @@ def find_neighbors(
         raise UserError(f"the split has {seen} images, fewer than --k={k}")
     all_labels = np.concatenate(labels)
     return nearest.indices, nearest.distances, all_labels[nearest.indices]
-
-
-def fetch_images(split, indices: set[int]) -> dict[int, bytes]:
-    """The encoded images at `indices` of the split (a second, decode-free pass)."""
-    from alexnet_jax.data.sources import FileSplit
-
-    if isinstance(split, FileSplit):
-        return {index: predict.read_image(str(split.paths[index])) for index in indices}
-    found: dict[int, bytes] = {}
-    for index, (image, _) in enumerate(_examples(split).as_numpy_iterator()):
-        if index in indices:
-            found[index] = image
-            if len(found) == len(indices):
-                break
-    return found
 
 
 def _tile(image_bytes: bytes, size: int) -> np.ndarray:
@@ -193,6 +165,7 @@ def _short(name: str) -> str:
     return name.split(",")[0].split(" (n")[0]
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alexnet_jax.neighbors", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -211,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out and not args.workdir:
         parser.error("--checkpoint needs --out=PNG")
     out = args.out or os.path.join(args.workdir, NEIGHBORS_FILE)
-    try:
-        rows = run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = run(args)
     from PIL import Image
 
     Image.fromarray(neighbor_grid(rows, tile=args.tile)).save(out)
@@ -230,15 +199,12 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
     if args.k < 1:
         raise UserError(f"--k={args.k} must be at least 1")
     classifier = predict.load_classifier(args.workdir or args.checkpoint)
-    info = classifier.meta.get("run_info") or {}
+    info = classifier.run_info or {}
     dataset = args.dataset or info.get("dataset")
     if not dataset:
         raise UserError("which images to search is unknown (no config.json): pass --dataset and --data_dir")
-    source = sources.open_source(
-        dataset,
-        data_dir=args.data_dir or info.get("data_dir", ""),
-        eval_split=info.get("eval_split", "validation"),
-    )
+    config = {**(info.get("config") or {}), "dataset": dataset, "data_dir": args.data_dir or info.get("data_dir", "")}
+    source = sources.open_source_from_config(config, eval_split=info.get("eval_split", "validation"))
     split = source.train if args.split == "train" else source.eval
     names = [_short(name) for name in runinfo.display_names(source.class_names, len(source.class_names))]
     query_bytes = [predict.read_image(path) for path in args.query]
@@ -246,7 +212,7 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
     indices, distances, labels = find_neighbors(
         classifier, queries, split, k=args.k, batch_size=args.batch_size, max_images=args.max_images
     )
-    images = fetch_images(split, {int(i) for i in indices.ravel()})
+    images = split.encoded({int(i) for i in indices.ravel()})
     rows = []
     for path, image_bytes, row_indices, row_distances, row_labels in zip(
         args.query, query_bytes, indices, distances, labels
@@ -254,7 +220,7 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
         print(path)
         row = [(image_bytes, os.path.basename(path))]
         for rank, (index, distance, label) in enumerate(zip(row_indices, row_distances, row_labels), start=1):
-            where = str(split.paths[index]) if hasattr(split, "paths") else f"{args.split}[{index}]"
+            where = split.describe(int(index))
             print(f"  {rank}. distance {distance:9.3f}  {names[label]:<24s} {where}")
             row.append((images[int(index)], names[label]))
         rows.append(row)
@@ -262,6 +228,4 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only directories
-    sys.exit(main())
+    cli.run(main)

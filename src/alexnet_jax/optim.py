@@ -9,6 +9,7 @@ import optax
 
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "lars")
+LR_SCALINGS = ("none", "linear")
 
 
 def base_learning_rate(config: Any) -> float:

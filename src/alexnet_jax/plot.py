@@ -12,8 +12,8 @@ import argparse
 import json
 import logging
 import os
-import sys
 
+from alexnet_jax import cli
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -107,21 +107,17 @@ def _labels(workdirs: list[str]) -> list[str]:
     return [os.path.abspath(w) for w in workdirs]
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alexnet_jax.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", action="append", required=True, help="a run's directory; repeat to compare runs")
     parser.add_argument("--out", default="", help=f"PNG to write (default: FIRST_WORKDIR/{CURVES_FILE})")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.workdir[0], CURVES_FILE)
-    try:
-        plot_curves(args.workdir, out)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    plot_curves(args.workdir, out)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
-    sys.exit(main())
+    cli.run(main)

@@ -4,7 +4,7 @@
     python -m alexnet_jax.predict --checkpoint=weights/torchvision_alexnet --crops=10 cat.jpg
 
 Images go through the evaluation preprocessing of data/augment.py (shorter side
-to resize_size, centre image_size crop, ImageNet mean/std); --crops=10 averages
+to resize_size, centre image_size crop, the run's input scale); --crops=10 averages
 the softmax over the paper's ten crops. Class names come from the run's
 config.json or the converted checkpoint's model.json.
 """
@@ -14,77 +14,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import logging
 import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
-from alexnet_jax import convert, runinfo
+from alexnet_jax import cli, trained
 from alexnet_jax import model as model_lib
+from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
 
-log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SIZE = 224
-
-
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """Params plus what is needed to feed them: the variant, sizes and class names."""
-
-    params: Any
-    variant: str
-    num_classes: int
-    image_size: int
-    resize_size: int
-    resize_method: str  # config.resize_method of the run (runinfo.resize_method)
-    names: list[str]  # display name per output unit
-    meta: dict[str, Any]
-
-    def module(self) -> model_lib.AlexNet:
-        return model_lib.AlexNet(variant=self.variant, num_classes=self.num_classes)
-
-    @property
-    def sizes(self) -> dict[str, Any]:
-        """The preprocessing it was trained with: keyword arguments of preprocess / augment.eval_image."""
-        return dict(image_size=self.image_size, resize_size=self.resize_size, resize_method=self.resize_method)
-
-
-def load_classifier(path: str, *, image_size: int = -1, resize_size: int = -1) -> Classifier:
-    """A workdir or converted checkpoint; sizes: -1 = as trained (224 and 256 where unknown)."""
-    params, meta = convert.load_params(path)
-    if image_size <= 0:
-        image_size = meta.get("image_size") or 0
-        if not image_size:
-            log.warning(
-                "%s records no input size (no config.json): using %d; pass --image_size to match training",
-                path,
-                DEFAULT_IMAGE_SIZE,
-            )
-            image_size = DEFAULT_IMAGE_SIZE
-    if resize_size <= 0:
-        resize_size = meta.get("resize_size") or int(round(image_size * 256 / 224))
-    if image_size < model_lib.min_image_size() or resize_size < image_size:
-        raise UserError(
-            f"image_size={image_size}, resize_size={resize_size}: need image_size >= "
-            f"{model_lib.min_image_size()} and resize_size >= image_size"
-        )
-    num_classes = int(meta["num_classes"])
-    if meta.get("class_names") is None:
-        log.warning("%s records no class names (no config.json): classes are shown by index", path)
-    return Classifier(
-        params=jax.device_put(params),
-        variant=meta["model"],
-        num_classes=num_classes,
-        image_size=int(image_size),
-        resize_size=int(resize_size),
-        resize_method=runinfo.resize_method(meta.get("run_info")),
-        names=runinfo.display_names(meta.get("class_names"), num_classes),
-        meta=meta,
-    )
+def load_classifier(path: str, *, image_size: int = -1, resize_size: int = -1) -> trained.TrainedModel:
+    """A workdir or converted checkpoint with its params on the default device (trained.load)."""
+    model = trained.load(path, image_size=image_size, resize_size=resize_size)
+    return dataclasses.replace(model, params=jax.device_put(model.params))
 
 
 def read_image(path: str) -> bytes:
@@ -97,7 +42,7 @@ def read_image(path: str) -> bytes:
 def preprocess(
     image_bytes: bytes, *, image_size: int, resize_size: int, crops: int = 1, resize_method: str = "area"
 ) -> np.ndarray:
-    """Encoded image -> uint8 [crops, S, S, 3], exactly as evaluation sees it (the model normalises)."""
+    """Encoded image -> uint8 [crops, S, S, 3], exactly as evaluation sees it (the model scales the pixels)."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, pipeline
@@ -123,10 +68,10 @@ def probabilities(module: model_lib.AlexNet, params: Any, images: jax.Array) -> 
 
 
 def classify(
-    classifier: Classifier, paths: list[str], *, crops: int = 1, top: int = 5
+    classifier: trained.TrainedModel, paths: list[str], *, crops: int = 1, top: int = 5
 ) -> list[list[tuple[str, float]]]:
     """Per image: the `top` (name, probability) pairs, most probable first; crops' softmax averaged."""
-    if crops not in (1, 10):
+    if crops not in EVAL_CROPS:
         raise UserError(f"--crops={crops} is unsupported; use 1 (centre) or 10 (the paper's test)")
     module = classifier.module()
     results = []
@@ -138,28 +83,25 @@ def classify(
     return results
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alexnet_jax.predict", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a run's directory: its newest checkpoint and config.json")
     source.add_argument("--checkpoint", help="a converted checkpoint (python -m alexnet_jax.convert)")
-    parser.add_argument("--crops", type=int, default=1, choices=(1, 10), help="1 = centre crop, 10 = the paper's")
+    parser.add_argument("--crops", type=int, default=1, choices=EVAL_CROPS, help="1 = centre crop, 10 = the paper's")
     parser.add_argument("--top", type=int, default=5, help="how many classes to show")
     parser.add_argument("--image_size", type=int, default=-1, help="-1 = as the run was trained")
     parser.add_argument("--resize_size", type=int, default=-1, help="-1 = as the run was trained")
     parser.add_argument("images", nargs="+", help="JPEG or PNG files")
     args = parser.parse_args(argv)
-    try:
-        for path in args.images:  # fail before loading the checkpoint
-            if not os.path.isfile(path):
-                raise UserError(f"{path} does not exist")
-        classifier = load_classifier(
-            args.workdir or args.checkpoint, image_size=args.image_size, resize_size=args.resize_size
-        )
-        results = classify(classifier, args.images, crops=args.crops, top=args.top)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    for path in args.images:  # fail before loading the checkpoint
+        if not os.path.isfile(path):
+            raise UserError(f"{path} does not exist")
+    classifier = load_classifier(
+        args.workdir or args.checkpoint, image_size=args.image_size, resize_size=args.resize_size
+    )
+    results = classify(classifier, args.images, crops=args.crops, top=args.top)
     for path, top in zip(args.images, results):
         print(path)
         for rank, (name, probability) in enumerate(top, start=1):
@@ -168,6 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only directories
-    sys.exit(main())
+    cli.run(main)

@@ -11,6 +11,7 @@ train.py writes them once at the start of a run as WORKDIR/config.json:
       "eval_split": "validation",        # config.eval_split
       "image_size": 224,                 # crop side the model saw
       "resize_size": 256,                # shorter side before cropping (config.resize_size resolved)
+      "input_scale": "raw",              # how pixels became model input (config.input_scale resolved)
       "model": "paper",                  # AlexNet variant
       "num_classes": 5,                  # fc8 width (may exceed len(class_names))
       "class_names": ["daisy", ...],     # label i -> name (TFDS ClassLabel or folder names)
@@ -30,8 +31,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from alexnet_jax.errors import UserError
 
 RUN_INFO_FILE = "config.json"
@@ -45,26 +44,28 @@ _TFDS_READABLE = ("datasets", "siscore", "labels.py")
 
 
 def write_run_info(
-    workdir: str, config: Any, class_names: tuple[str, ...] | list[str], *, num_classes: int | None = None
-) -> str | None:
-    """Write WORKDIR/config.json (atomically). Returns its path; only process 0 writes.
+    workdir: str,
+    config: Any,
+    class_names: tuple[str, ...] | list[str],
+    *,
+    num_classes: int,
+    resize_size: int,
+    input_scale: str,
+) -> str:
+    """Write WORKDIR/config.json (atomically). Returns its path.
 
-    config: the run's ConfigDict; num_classes: the model's fc8 width when it differs
-    from config.num_classes (which may be -1, "from the dataset").
+    config: the run's ConfigDict; num_classes, resize_size and input_scale: the values
+    the run resolved (config may say -1 or "auto"). The caller decides which process
+    writes (the primary one: train.RunPlan.is_primary).
     """
-    if jax.process_index() != 0:
-        return None
-    from alexnet_jax import config as config_lib
-
-    if num_classes is None:
-        num_classes = config.num_classes if config.num_classes > 0 else len(class_names)
     record = {
         "format": RUN_INFO_FORMAT,
         "dataset": config.dataset,
         "data_dir": config.data_dir,
         "eval_split": config.eval_split,
         "image_size": int(config.image_size),
-        "resize_size": int(config_lib.resize_size(config)),
+        "resize_size": int(resize_size),
+        "input_scale": input_scale,
         "model": config.model,
         "num_classes": int(num_classes),
         "class_names": [str(name) for name in class_names],
@@ -133,11 +134,30 @@ def display_names(class_names: list[str] | tuple[str, ...] | None, num_classes: 
     return names + [f"class {index}" for index in range(len(names), num_classes)]
 
 
-def resize_method(info: dict[str, Any] | None) -> str:
+def resize_method(record: dict[str, Any] | None) -> str:
     """How a run's crop windows were resized (config.resize_method), for evaluating it alike.
 
-    Runs recorded before the key existed shrank with an area filter, and converted
-    torchvision weights expect an antialiased shrink (PIL's): both get "area".
+    record: a run's config.json or a converted checkpoint's model.json. Runs recorded
+    before the key existed shrank with an area filter, and converted torchvision
+    weights expect an antialiased shrink (PIL's): both get "area".
     """
-    config = (info or {}).get("config") or {}
+    config = (record or {}).get("config") or {}
     return str(config.get("resize_method", "area"))
+
+
+def input_scale(record: dict[str, Any] | None) -> str:
+    """How a run's (or converted weights') uint8 pixels became model input (preprocess.INPUT_SCALES).
+
+    Recorded since the paper's raw scale exists; every record from before used the
+    ImageNet mean/std standardisation, and so keeps it.
+    """
+    from alexnet_jax import preprocess
+
+    return str((record or {}).get("input_scale") or preprocess.LEGACY_INPUT_SCALE)
+
+
+def model_record(info: dict[str, Any] | None) -> dict[str, Any]:
+    """What config.json says about the model's input and outputs (the keys trained.load reads)."""
+    info = info or {}
+    keys = ("class_names", "image_size", "resize_size", "input_scale", "num_classes")
+    return {key: info[key] for key in keys if info.get(key) is not None}

@@ -1,261 +1,84 @@
-"""Train state, the pmap'ed train and eval steps, and the training loop.
+"""The training loop, read top to bottom as a short sequence of named parts.
 
-The steps are pure functions bound with functools.partial and pmap'ed over the
-local devices with axis name "batch". The state is passed unreplicated
-(in_axes=None) and kept identical on every device with lax.pmean, so what comes
-back is one state, not one per device.
+    train_and_evaluate:  plan_run -> restore_or_init -> make_inputs -> Evaluator -> run_loop
+
+The compiled steps live in steps.py (no TensorFlow); this module wires them to the
+data, the checkpoints and the metrics. Every `-1`/"auto" of the config is resolved
+once, in plan_run, and nowhere else.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 
+from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import config as config_lib
+from alexnet_jax import figures, optim, parallel, plot, preemption, preprocess, runinfo, steps, trained
 from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import model as model_lib
-from alexnet_jax import optim, parallel, preprocess
 from alexnet_jax.errors import UserError
-from alexnet_jax.parallel import AXIS
+from alexnet_jax.evaluate import evaluate_batches
+from alexnet_jax.steps import TrainState
 
-if TYPE_CHECKING:  # annotations only: the step and the bench run where ml_collections is absent
+if TYPE_CHECKING:
     import ml_collections
+
+    from alexnet_jax.data.sources import Source
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# When a log interval spent more than this share waiting for input, the console says so;
+# when two in a row spent more than DATA_WAIT_WARN, the run warns once with the remedies.
+DATA_WAIT_SHOWN = 0.1
+DATA_WAIT_WARN = 0.2
 
 
 class DivergenceError(UserError):
     """The loss or the gradients stopped being finite."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
-    params: Any
-    opt_state: Any
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything the config leaves to the dataset or the machine, resolved once."""
+
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    global_batch: int
+    eval_batch: int
+    resize_size: int
+    input_scale: str
+    process_index: int
+    process_count: int
+    local_devices: int
+
+    @property
+    def is_primary(self) -> bool:
+        """The one process that writes files other than checkpoints (metrics, events, figures, config.json)."""
+        return self.process_index == 0
+
+    def model_meta(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """What a checkpoint records of the model, to refuse continuing another one."""
+        return {"model": config.model, "num_classes": self.num_classes, "optimizer": config.optimizer}
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> model_lib.AlexNet:
-    return model_lib.AlexNet(
-        variant=config.model,
-        num_classes=num_classes,
-        dropout_rate=config.dropout_rate,
-        dtype=DTYPES[config.dtype],
-        init_scheme=config.init,
-    )
-
-
-def init_state(
-    model: model_lib.AlexNet, tx: optax.GradientTransformation, rng: jax.Array, image_size: int
-) -> TrainState:
-    @jax.jit
-    def init(rng):
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        params = model.init({"params": rng}, images, train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    return init(rng)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the batch."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
-    """A key of its own for every device and step (call inside pmap): (seed, step, device)."""
-    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
-
-
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
+def plan_run(
+    config: ml_collections.ConfigDict,
+    source: Source,
     *,
-    model: model_lib.AlexNet,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD update from one device's slice of the batch; runs under pmap.
-
-    batch: {'images': [per_device_batch, S, S, 3] uint8 pixels (or normalised floats),
-    'labels': [per_device_batch], optionally 'color': [per_device_batch, 3] PCA colour offsets}.
-    """
-    dropout_rng = dropout_key(rng, state.step)
-    images = preprocess.model_input(batch["images"], batch.get("color"))
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
-        return cross_entropy(logits, batch["labels"]), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    metrics = {
-        "loss": loss,
-        "top1_acc": metrics_lib.correct_top_k(logits, batch["labels"], 1).mean(),
-        "top5_acc": metrics_lib.correct_top_k(logits, batch["labels"], 5).mean(),
-    }
-    metrics = lax.pmean(metrics, AXIS)
-    metrics["grad_norm"] = grad_norm
-    metrics["learning_rate"] = schedule(state.step)
-    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: model_lib.AlexNet) -> dict[str, jax.Array]:
-    """Sums over one device's slice of an eval batch, summed over devices; runs under pmap.
-
-    images are [B, S, S, 3], or [B, crops, S, S, 3]: then the softmax is averaged
-    over the crops (the paper's 10-crop test). Padding (mask 0) counts nowhere.
-    """
-    images, labels = batch["images"], batch["labels"]
-    mask = batch["mask"].astype(jnp.float32)  # [B]
-    crops = images.shape[1] if images.ndim == 5 else 1
-    flat = images.reshape((-1,) + images.shape[-3:])  # [B * crops, S, S, 3]
-    logits = model.apply({"params": state.params}, flat, train=False)
-    probs = jax.nn.softmax(logits).reshape((labels.shape[0], crops, -1)).mean(axis=1)  # [B, classes]
-    log_probs = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-    sums = {
-        "loss": jnp.sum(nll * mask),
-        "top1_acc": jnp.sum(metrics_lib.correct_top_k(probs, labels, 1) * mask),
-        "top5_acc": jnp.sum(metrics_lib.correct_top_k(probs, labels, 5) * mask),
-        "num_examples": jnp.sum(mask),
-    }
-    return lax.psum(sums, AXIS)
-
-
-def make_steps(model, tx, schedule, parallelism: str = "pmap"):
-    """The train and eval steps over the local devices; the train step donates the old state.
-
-    Both take (state, batch[, rng]) with the batch as [local_devices, per_device, ...].
-    "pmap": jax.pmap with a named axis. "shard_map": the same per-device functions as
-    jax.jit(jax.shard_map(...)) over a one-axis mesh, the path JAX recommends now that
-    pmap is in maintenance mode (single process only, for now).
-    """
-    train_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
-    eval_fn = functools.partial(eval_step, model=model)
-    if parallelism == "pmap":
-        p_train = jax.pmap(train_fn, axis_name=AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,))
-        p_eval = jax.pmap(eval_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
-        return p_train, p_eval
-    if parallelism == "shard_map":
-        return _shard_map_steps(train_fn, eval_fn)
-    raise ValueError(f"unknown parallelism {parallelism!r}; expected 'pmap' or 'shard_map'")
-
-
-def _shard_map_steps(train_fn, eval_fn):
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
-    # check_vma=False: the hand-written conv VJPs (fast_ops) return plain gradients that
-    # the varying-axes checker cannot type; the step's pmean makes the outputs replicated.
-
-    def squeeze(batch):  # each device's block is [1, per_device, ...]; pmap drops that axis
-        return jax.tree_util.tree_map(lambda x: x[0], batch)
-
-    sharded_train = jax.shard_map(
-        lambda state, batch, rng: train_fn(state, squeeze(batch), rng),
-        mesh=mesh,
-        in_specs=(P(), P(AXIS), P()),
-        out_specs=(P(), P()),
-        check_vma=False,
-    )
-    sharded_eval = jax.shard_map(
-        lambda state, batch: eval_fn(state, squeeze(batch)),
-        mesh=mesh,
-        in_specs=(P(), P(AXIS)),
-        out_specs=P(),
-        check_vma=False,
-    )
-    return jax.jit(sharded_train, donate_argnums=(0,)), jax.jit(sharded_eval)
-
-
-def evaluate(p_eval, state: TrainState, batches) -> dict[str, float]:
-    """Run the eval step over every batch; returns exact means over the real examples."""
-    totals = None
-    for batch in batches:
-        sums = p_eval(state, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals["num_examples"])
-    return {
-        "eval/loss": float(totals["loss"]) / count,
-        "eval/top1_acc": float(totals["top1_acc"]) / count,
-        "eval/top5_acc": float(totals["top5_acc"]) / count,
-        "eval/num_examples": int(count),
-    }
-
-
-def summarize_train(
-    pending: list[tuple[int, dict]], interval_start: float, timed_steps: int, global_batch: int
-) -> dict[str, float]:
-    """Means of the per-step train metrics since the last log; stops on a non-finite step.
-
-    This is the loop's only host sync between logs: it waits for the steps to finish.
-    """
-    host = jax.device_get([m for _, m in pending])
-    elapsed = time.perf_counter() - interval_start
-    for (step, _), values in zip(pending, host):
-        if not bool(values["finite"]):
-            raise DivergenceError(
-                f"training diverged at step {step}: loss={float(values['loss'])}, "
-                f"grad_norm={float(values['grad_norm'])}. No checkpoint of this state was written; "
-                "lower config.learning_rate or add config.warmup_epochs, then restart"
-            )
-    summary = {
-        f"train/{key}": float(np.mean([v[key] for v in host])) for key in ("loss", "top1_acc", "top5_acc", "grad_norm")
-    }
-    summary["train/learning_rate"] = float(host[-1]["learning_rate"])
-    summary["train/img_per_s"] = timed_steps * global_batch / max(elapsed, 1e-9) if timed_steps else 0.0
-    return summary
-
-
-def model_meta(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    return {"model": config.model, "num_classes": num_classes, "optimizer": config.optimizer}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from WORKDIR/checkpoints if there are any), evaluating as configured.
-
-    Returns the final state. SIGTERM/SIGINT stop it early with a checkpoint (and a normal return).
-    """
-    # Imported here so the model and steps above stay importable without TensorFlow.
-    from alexnet_jax import checkpoint as checkpoint_lib
-    from alexnet_jax import config as config_lib
-    from alexnet_jax import convert, figures, plot, preemption, runinfo
-    from alexnet_jax.data import pipeline, sources
-
-    config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-    log.info("devices: %s", parallel.describe())
-    process_count, process_index = jax.process_count(), jax.process_index()
-    local_devices = jax.local_device_count()
-
-    source = sources.open_source(
-        config.dataset,
-        data_dir=config.data_dir,
-        manual_dir=config.manual_dir,
-        train_split=config.train_split,
-        eval_split=config.eval_split,
-        download=config.download,
-        skip_bad_images=config.skip_bad_images,
-    )
+    previous_info: dict[str, Any] | None = None,
+    pretrained: trained.TrainedModel | None = None,
+) -> RunPlan:
+    """Resolve the config against the dataset, the devices, a resumed run and init_from weights."""
     num_classes = config.num_classes if config.num_classes > 0 else source.num_classes
     if num_classes < source.num_classes:
         raise UserError(
@@ -268,88 +91,187 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"the training split has {source.train.num_examples} examples, fewer than one batch of "
             f"{config.batch_size}; lower config.batch_size"
         )
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else max(1, int(round(config.num_epochs * steps_per_epoch)))
+    total_steps = config.num_train_steps
+    if total_steps <= 0:
+        total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    return RunPlan(
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
+        checkpoint_every=config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else steps_per_epoch,
+        global_batch=config.batch_size,
+        eval_batch=config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size,
+        resize_size=_resize_size(config, source),
+        input_scale=_input_scale(config, previous_info, pretrained),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_devices=jax.local_device_count(),
     )
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-    checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else steps_per_epoch
-    eval_batch = config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
 
-    # A checkpoint of another model in this workdir is refused before anything compiles.
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = model_meta(config, num_classes)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        checkpoint_lib.check_compatible(checkpointer.read_meta(latest), meta, checkpointer.directory)
 
-    model = create_model(config, num_classes)
-    schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config, schedule)
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    state = init_state(model, tx, init_rng, config.image_size)
-    if config.init_from and latest is None:  # a resumed run keeps its own weights
-        params = convert.init_params_from(config.init_from, state.params, config.model)
+def _resize_size(config: ml_collections.ConfigDict, source: Source) -> int:
+    """config.resize_size, or the paper's 256/224 ratio; a packed source fixes it to its image side."""
+    fixed = getattr(source, "image_side", None)
+    if fixed is None:
+        return config_lib.resize_size(config)
+    if config.resize_size not in (-1, fixed):
+        raise UserError(
+            f"config.resize_size={config.resize_size} but {source.name} holds {fixed}x{fixed} images; "
+            f"use -1 (or {fixed})"
+        )
+    if config.image_size > fixed:
+        raise UserError(f"config.image_size={config.image_size} is larger than the packed {fixed}x{fixed} images")
+    return fixed
+
+
+def _input_scale(
+    config: ml_collections.ConfigDict, previous_info: dict[str, Any] | None, pretrained: trained.TrainedModel | None
+) -> str:
+    """Explicit config > what the resumed run used > what init_from's weights expect > the variant's own."""
+    inherited = None
+    if previous_info is not None:
+        inherited, origin = runinfo.input_scale(previous_info), "the run being resumed"
+    elif pretrained is not None:
+        inherited, origin = pretrained.input_scale, f"config.init_from={pretrained.path}"
+    if config.input_scale == "auto":
+        return inherited or preprocess.default_input_scale(config.model)
+    if inherited is not None and inherited != config.input_scale:
+        raise UserError(
+            f"config.input_scale={config.input_scale!r} but {origin} was trained with {inherited!r} inputs; "
+            f"use --config.input_scale={inherited} (or auto)"
+        )
+    return config.input_scale
+
+
+@dataclasses.dataclass
+class Resume:
+    """What the workdir holds from an earlier run of this job, read before anything is built."""
+
+    step: int | None
+    meta: dict[str, Any] | None
+    info: dict[str, Any] | None
+
+    @classmethod
+    def find(cls, checkpointer: checkpoint_lib.Checkpointer, workdir: str) -> Resume:
+        step = checkpointer.latest_step()
+        if step is None:
+            return cls(None, None, None)
+        return cls(step, checkpointer.read_meta(step), runinfo.read_run_info(workdir))
+
+
+def restore_or_init(
+    config: ml_collections.ConfigDict,
+    plan: RunPlan,
+    model,
+    tx,
+    *,
+    checkpointer: checkpoint_lib.Checkpointer,
+    resume: Resume,
+    pretrained: trained.TrainedModel | None,
+    workdir: str,
+) -> TrainState:
+    """A fresh state (from config.init_from's weights where given), or the newest checkpoint's.
+
+    Resuming moves metrics logged after the checkpoint aside (they will be redone).
+    The state comes back replicated on the local devices, as the steps keep it.
+    """
+    init_rng = jax.random.split(jax.random.key(config.seed))[0]
+    state = steps.init_state(model, tx, init_rng, config.image_size)
+    if pretrained is not None:
+        params = init_params_from(pretrained, state.params, config.model)
         state = state.replace(params=params, opt_state=tx.init(params))
-        log.info("initialised from %s", config.init_from)
-    if latest is not None:
-        state = checkpointer.restore(latest, state)
-        log.info("resumed from %s at step %d", checkpointer.directory, latest)
-        if process_index == 0 and (moved := metrics_lib.roll_back(workdir, latest)):
-            log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, latest)
-    state = parallel.replicate(state)
-    start_step = int(jax.device_get(state.step))
-    runinfo.write_run_info(workdir, config, source.class_names, num_classes=num_classes)
+        log.info("initialised from %s", pretrained.path)
+    if resume.step is not None:
+        state = checkpointer.restore(resume.step, state)
+        log.info("resumed from %s at step %d", checkpointer.directory, resume.step)
+        if plan.is_primary and (moved := metrics_lib.roll_back(workdir, resume.step)):
+            log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, resume.step)
+    return parallel.replicate(state)
+
+
+def init_params_from(pretrained: trained.TrainedModel, params: Any, variant: str) -> Any:
+    """`params` (a fresh init) with every layer of the pretrained weights copied in.
+
+    fc8 keeps its fresh initialisation when the class counts differ (fine-tuning on
+    another dataset); any other mismatch is an error.
+    """
+    if pretrained.variant != variant:
+        raise UserError(
+            f"{pretrained.path} holds a {pretrained.variant!r} AlexNet, but config.model={variant!r}; "
+            f"set --config.model={pretrained.variant}"
+        )
+    merged = {}
+    for layer, leaves in params.items():
+        source = pretrained.params.get(layer)
+        if source is not None and all(np.shape(source[name]) == np.shape(leaves[name]) for name in leaves):
+            merged[layer] = {name: jax.numpy.asarray(source[name], leaves[name].dtype) for name in leaves}
+        elif layer == "fc8":
+            log.info("init_from %s: fc8 has other classes, so it keeps its fresh initialisation", pretrained.path)
+            merged[layer] = leaves
+        else:
+            raise UserError(
+                f"{pretrained.path}: layer {layer} does not fit this model ({variant}); use a matching config"
+            )
+    return merged
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The training batches (endless, from the resume step on) and a maker of eval passes."""
+
+    train: Iterator[dict[str, jax.Array]]
+    eval: Callable[[], Iterator[dict[str, jax.Array]]]
+    augment: steps.DeviceAugment | None  # set when the step crops packed images itself
+
+
+def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source, start_step: int) -> Inputs:
+    """Host batches -> [local_devices, per_device, ...] on the devices, prefetched."""
+    from alexnet_jax.data import pipeline
 
     aug = pipeline.Augmentation(
         image_size=config.image_size,
-        resize_size=config_lib.resize_size(config),
+        resize_size=plan.resize_size,
         flip=config.random_flip,
         pca_noise_std=config.pca_noise_std,
         eval_crops=config.eval_crops,
         resize_method=config.resize_method,
     )
-    train_ds = pipeline.train_dataset(
-        source.train,
-        aug,
-        per_process_batch=config.batch_size // process_count,
-        seed=config.seed,
-        start_step=start_step,
-        process_index=process_index,
-        process_count=process_count,
+    shard = dict(process_index=plan.process_index, process_count=plan.process_count)
+    train_batches = source.train.train_batches(
+        aug, per_process_batch=plan.global_batch // plan.process_count, seed=config.seed, start_step=start_step, **shard
     )
-    eval_ds = pipeline.eval_dataset(
-        source.eval,
-        aug,
-        per_process_batch=eval_batch // process_count,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    train_batches = parallel.prefetch_to_device(
-        pipeline.device_batches(train_ds, local_devices), config.prefetch_to_device
-    )
-    p_train, p_eval = make_steps(model, tx, schedule, config.parallelism)
-    writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
-    progress = metrics_lib.Progress(total_steps, config.batch_size)
-    log.info(
-        "training %s AlexNet on %s (%d classes): steps %d..%d, %d steps/epoch, global batch %d",
-        config.model,
-        source.name,
-        num_classes,
-        start_step,
-        total_steps,
-        steps_per_epoch,
-        config.batch_size,
+    train = parallel.prefetch_to_device(
+        pipeline.device_batches(train_batches, plan.local_devices), config.prefetch_to_device
     )
 
-    def run_eval(step: int) -> dict[str, float]:
-        batches = parallel.prefetch_to_device(pipeline.device_batches(eval_ds, local_devices))
-        results = evaluate(p_eval, state, batches)
-        writer.write(step, results)
-        if process_index == 0:  # Figure 3 of the paper, as training goes
+    def eval_batches():
+        batches = source.eval.eval_batches(aug, per_process_batch=plan.eval_batch // plan.process_count, **shard)
+        return parallel.prefetch_to_device(pipeline.device_batches(batches, plan.local_devices))
+
+    augment = None
+    if source.train.augments_on_device:
+        augment = steps.DeviceAugment(
+            seed=config.seed, image_size=config.image_size, flip=config.random_flip, pca_noise_std=config.pca_noise_std
+        )
+    return Inputs(train=train, eval=eval_batches, augment=augment)
+
+
+class Evaluator:
+    """One evaluation pass at a step: metrics written, logged, and the paper's Figure 3 drawn."""
+
+    def __init__(self, p_eval, inputs: Inputs, writer: metrics_lib.MetricWriter, *, workdir: str, variant: str):
+        self.p_eval, self.inputs, self.writer = p_eval, inputs, writer
+        self.workdir, self.variant = workdir, variant
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        results, _ = evaluate_batches(self.p_eval, (state.params,), self.inputs.eval())
+        self.writer.write(step, results)
+        if self.writer.enabled:  # Figure 3 of the paper, as training goes
             conv1 = {"conv1": jax.device_get(state.params["conv1"])}
-            figures.write_conv1_filters(workdir, conv1, config.model, step, summary_writer=writer.summary_writer)
+            figures.write_conv1_filters(
+                self.workdir, conv1, self.variant, step, summary_writer=self.writer.summary_writer
+            )
         log.info(
             "step %d  eval loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d examples)",
             step,
@@ -360,48 +282,221 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
         return results
 
-    stop_request = preemption.StopRequest().install()
-    pending: list[tuple[int, dict]] = []
-    timed_steps = 0  # steps in `pending` that the interval's clock covers
-    interval_start = time.perf_counter()
+
+class Meter:
+    """The clock of a log interval: images/s of the steps it covers, and the share spent waiting for input.
+
+    The first step of a run (or resumed run) compiles; the clock restarts after it,
+    so compilation never counts as training speed.
+    """
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.waited = 0.0
+
+    def next_batch(self, batches: Iterator[Any]) -> Any:
+        """next(batches), timing how long the loop waited for it."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - start
+        return batch
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "train/img_per_s": self.steps * self.global_batch / elapsed if self.steps else 0.0,
+            "train/data_wait_frac": min(1.0, self.waited / elapsed),
+        }
+
+
+def summarize_train(pending: list[tuple[int, dict]], *, restored_step: int | None = None) -> dict[str, float]:
+    """Means of the per-step train metrics since the last log; stops on a non-finite step.
+
+    This is the loop's only host sync between logs: it waits for the steps to finish.
+    """
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), values in zip(pending, host):
+        if not bool(values["finite"]):
+            raise DivergenceError(_divergence_message(step, values, restored_step))
+    summary = {
+        f"train/{key}": float(np.mean([v[key] for v in host])) for key in ("loss", "top1_acc", "top5_acc", "grad_norm")
+    }
+    summary["train/learning_rate"] = float(host[-1]["learning_rate"])
+    return summary
+
+
+def _divergence_message(step: int, values: dict[str, Any], restored_step: int | None) -> str:
+    where = f"training diverged at step {step}: loss={float(values['loss'])}, grad_norm={float(values['grad_norm'])}."
+    if restored_step is not None and step == restored_step + 1:
+        return (
+            f"{where} It was the first step after restoring the checkpoint of step {restored_step}, so that "
+            "checkpoint is the suspect, not the learning rate: move checkpoints/"
+            f"{restored_step} aside and restart to resume from the one before it"
+        )
+    return (
+        f"{where} No checkpoint of this state was written; lower config.learning_rate or add "
+        "config.warmup_epochs, then restart"
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from WORKDIR/checkpoints if there are any), evaluating as configured.
+
+    Returns the final state. SIGTERM/SIGINT stop it early with a checkpoint (and a normal return).
+    """
+    from alexnet_jax.data import sources
+
+    config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+    log.info("devices: %s", parallel.describe())
+    source = sources.open_source_from_config(config)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    resume = Resume.find(checkpointer, workdir)
+    pretrained = trained.load(config.init_from) if config.init_from and resume.step is None else None
+    plan = plan_run(config, source, previous_info=resume.info, pretrained=pretrained)
+    if resume.meta is not None:  # another model in this workdir is refused before anything compiles
+        checkpoint_lib.check_compatible(resume.meta, plan.model_meta(config), checkpointer.directory)
+
+    model = steps.create_model(config, plan.num_classes, input_scale=plan.input_scale)
+    schedule = optim.make_schedule(config, plan.steps_per_epoch, plan.total_steps)
+    tx = optim.make_optimizer(config, schedule)
+    state = restore_or_init(
+        config, plan, model, tx, checkpointer=checkpointer, resume=resume, pretrained=pretrained, workdir=workdir
+    )
+    start_step = int(jax.device_get(state.step))
+    if plan.is_primary:
+        _record_run(workdir, config, plan, source)
+    inputs = make_inputs(config, plan, source, start_step)
+    p_train, p_eval = steps.make_steps(model, tx, schedule, config.parallelism, augment=inputs.augment)
+    writer = metrics_lib.MetricWriter(workdir, enabled=plan.is_primary)
+    evaluator = Evaluator(p_eval, inputs, writer, workdir=workdir, variant=config.model)
+    log.info(
+        "training %s AlexNet on %s (%d classes, %s input): steps %d..%d, %d steps/epoch, global batch %d",
+        *(config.model, source.name, plan.num_classes, plan.input_scale),
+        *(start_step, plan.total_steps, plan.steps_per_epoch, plan.global_batch),
+    )
     try:
-        for step in range(start_step + 1, total_steps + 1):
-            state, step_metrics = p_train(state, next(train_batches), dropout_rng)
+        loop = dict(inputs=inputs, evaluator=evaluator, checkpointer=checkpointer, writer=writer)
+        state = run_loop(state, config, plan, p_train=p_train, restored_step=resume.step, **loop)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if plan.is_primary:
+        _draw_curves(workdir)
+    return state
+
+
+def _record_run(workdir: str, config: ml_collections.ConfigDict, plan: RunPlan, source: Source) -> None:
+    """WORKDIR/config.json: what the checkpoints need to be used (and resumed) as trained."""
+    runinfo.write_run_info(
+        workdir,
+        config,
+        source.class_names,
+        num_classes=plan.num_classes,
+        resize_size=plan.resize_size,
+        input_scale=plan.input_scale,
+    )
+
+
+@dataclasses.dataclass
+class _Due:
+    """What a step must do besides training."""
+
+    log: bool
+    eval: bool
+    checkpoint: bool
+    stop: bool
+
+
+def _due(step: int, config: ml_collections.ConfigDict, plan: RunPlan, stop_request) -> _Due:
+    log_step = step % config.log_every_steps == 0
+    stop = stop_request.requested(at_sync_point=log_step)
+    last = step == plan.total_steps
+    return _Due(
+        log=log_step,
+        eval=(step % plan.eval_every == 0 or last) and not stop,
+        checkpoint=step % plan.checkpoint_every == 0 or last or stop,
+        stop=stop,
+    )
+
+
+def run_loop(
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    plan: RunPlan,
+    *,
+    p_train,
+    inputs: Inputs,
+    evaluator: Evaluator,
+    checkpointer: checkpoint_lib.Checkpointer,
+    writer: metrics_lib.MetricWriter,
+    restored_step: int | None,
+) -> TrainState:
+    """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
+    dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
+    start_step = int(jax.device_get(state.step))
+    progress = metrics_lib.Progress(plan.total_steps, plan.global_batch, data_wait_shown=DATA_WAIT_SHOWN)
+    watch = DataWaitWatch()
+    meter = Meter(plan.global_batch)
+    pending: list[tuple[int, dict]] = []
+    stop_request = preemption.StopRequest().install()
+    try:
+        for step in range(start_step + 1, plan.total_steps + 1):
+            state, step_metrics = p_train(state, meter.next_batch(inputs.train), dropout_rng)
             pending.append((step, step_metrics))
             if step == start_step + 1:  # leave compilation out of the first interval's speed
                 jax.block_until_ready(state.step)
-                interval_start = time.perf_counter()
+                meter.restart()
             else:
-                timed_steps += 1
-            log_step = step % config.log_every_steps == 0
-            stop = stop_request.requested(at_sync_point=log_step)
-            last = step == total_steps
-            do_eval = (step % eval_every == 0 or last) and not stop
-            do_checkpoint = step % checkpoint_every == 0 or last or stop
-            if pending and (log_step or do_eval or do_checkpoint):
+                meter.steps += 1
+            due = _due(step, config, plan, stop_request)
+            if pending and (due.log or due.eval or due.checkpoint):
                 # Also the divergence check: raises before a bad state can be saved.
-                summary = summarize_train(pending, interval_start, timed_steps, config.batch_size)
+                summary = summarize_train(pending, restored_step=restored_step) | meter.summary()
                 writer.write(step, summary)
-                log.info(progress.line(step, summary["train/loss"], summary["train/img_per_s"]))
+                log.info(progress.line(step, summary))
+                watch.check(summary["train/data_wait_frac"])
                 pending.clear()
-                timed_steps = 0
-                interval_start = time.perf_counter()
-            results = run_eval(step) if do_eval else None
-            if do_checkpoint:
-                checkpointer.save(step, state, meta, metrics=results)
-            if stop:
+                meter.restart()
+            results = evaluator(step, state) if due.eval else None
+            if due.checkpoint:
+                checkpointer.save(step, state, plan.model_meta(config), metrics=results)
+            if due.stop:
                 checkpointer.wait()
                 log.warning("stopped at step %d on request; checkpoint saved in %s", step, checkpointer.directory)
                 break
-            if do_eval or do_checkpoint:
-                interval_start = time.perf_counter()
+            if due.eval or due.checkpoint:
+                meter.restart()
     finally:
         stop_request.restore()
-        checkpointer.close()
-        writer.close()
-    if process_index == 0:
-        try:
-            plot.plot_curves([workdir], os.path.join(workdir, "curves.png"))
-        except Exception as error:  # a figure must never fail a finished run
-            log.warning("could not draw %s/curves.png: %s", workdir, error)
     return state
+
+
+class DataWaitWatch:
+    """Warns once when the loop keeps waiting for input: the host, not the accelerator, sets the pace."""
+
+    def __init__(self):
+        self.high_intervals = 0
+        self.warned = False
+
+    def check(self, data_wait_frac: float) -> None:
+        self.high_intervals = self.high_intervals + 1 if data_wait_frac > DATA_WAIT_WARN else 0
+        if self.high_intervals >= 2 and not self.warned:
+            self.warned = True
+            log.warning(
+                "the input pipeline is the bottleneck: the loop waited for data %.0f%% of the time. Remedies: "
+                "pack the data decode-free (python -m alexnet_jax.data.pack, then --config.dataset=packed), "
+                "give the host more CPU cores, or train on a pre-resized copy (python -m alexnet_jax.data.resize)",
+                100 * data_wait_frac,
+            )
+
+
+def _draw_curves(workdir: str) -> None:
+    try:
+        plot.plot_curves([workdir], os.path.join(workdir, plot.CURVES_FILE))
+    except Exception as error:  # a figure must never fail a finished run
+        log.warning("could not draw %s/curves.png: %s", workdir, error)

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.preprocess import PCA_EIGVAL, PCA_EIGVEC
-
-RESIZE_METHODS = ("bilinear", "area")
 
 
 def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -185,4 +184,4 @@ def eval_images(
         return eval_ten_crops(image_bytes, **sizes)
     if crops == 1:
         return eval_image(image_bytes, **sizes)
-    raise ValueError(f"crops={crops} is unsupported; use 1 (centre) or 10 (the paper's test)")
+    raise ValueError(f"crops={crops} is unsupported; use one of {EVAL_CROPS}")

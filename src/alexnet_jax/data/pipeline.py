@@ -1,10 +1,11 @@
-"""tf.data pipelines: per-process shard, order, decode + augment, batch.
+"""tf.data pipelines over any split of encoded images: per-process shard, order, decode + augment, batch.
 
 Training order is a pure function of (seed, epoch, position) for file-backed
-sources, so a run resumed at step k starts reading exactly where step k left
-off, at a cost that does not grow with the position. Evaluation pads every
-process to the same number of batches and marks padding with mask 0, so every
-example counts exactly once on any device and process count.
+splits, so a run resumed at step k starts reading exactly where step k left off,
+at a cost that does not grow with the position. Evaluation pads every process to
+the same number of batches and marks padding with mask 0, so every example counts
+exactly once on any device and process count. The splits (sources.py) say how to
+list and read their examples; nothing here asks which kind of split it holds.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from alexnet_jax.data import augment
-from alexnet_jax.data.sources import FileSplit, TfdsSplit
+from alexnet_jax.data.sources import Split, local_indices
 from alexnet_jax.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
-TFDS_SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Augmentation:
     flip: bool = True
     pca_noise_std: float = 0.1
     eval_crops: int = 1
-    resize_method: str = "bilinear"  # augment.RESIZE_METHODS
+    resize_method: str = "bilinear"  # choices.RESIZE_METHODS
 
 
 def hide_accelerators_from_tf() -> None:
@@ -64,13 +64,8 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
-    """The examples process i reads: i, i + P, i + 2P, ... (sizes differ by at most one)."""
-    return np.arange(process_index, num_examples, process_count, dtype=np.int64)
-
-
 def train_dataset(
-    split: FileSplit | TfdsSplit,
+    split: Split,
     aug: Augmentation,
     *,
     per_process_batch: int,
@@ -82,19 +77,13 @@ def train_dataset(
     """Endless batches from start_step on: {'images': [B, S, S, 3] uint8, 'labels': [B] int32,
     'color': [B, 3] float32 PCA colour offsets, added on the device (preprocess.model_input)}."""
     hide_accelerators_from_tf()
-    start_position = start_step * per_process_batch
-    is_files = isinstance(split, FileSplit)
-    if is_files:
-        examples = _file_train_examples(split, seed, start_position, process_index, process_count)
-    else:
-        examples = _tfds_train_examples(split, seed, start_position, process_index, process_count)
+    examples = split.train_examples(seed, start_step * per_process_batch, process_index, process_count)
 
-    def prepare(path_or_bytes, label, position):
-        image_bytes = tf.io.read_file(path_or_bytes) if is_files else path_or_bytes
+    def prepare(ref, label, position):
         # Each example's randomness: a pure function of the seed, process and stream position.
         example_seed = tf.stack([tf.cast(seed, tf.int64) * 2, position * process_count + process_index])
         image, color = augment.train_image(
-            image_bytes,
+            split.read(ref),  # the file is read in the same map as its decode: one hop fewer
             example_seed,
             image_size=aug.image_size,
             resize_size=aug.resize_size,
@@ -109,49 +98,6 @@ def train_dataset(
     return dataset.prefetch(AUTOTUNE).with_options(_options())
 
 
-def _file_train_examples(split, seed, start_position, process_index, process_count):
-    indices = local_indices(split.num_examples, process_index, process_count)
-    num_local = len(indices)
-    paths = tf.constant(split.paths[indices])
-    labels = tf.constant(split.labels[indices])
-    first_epoch, offset = divmod(start_position, num_local)
-
-    def epoch_examples(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(num_local, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64) * 2 + 1, epoch])
-        )
-        start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
-        positions = epoch * num_local + tf.range(start, num_local, dtype=tf.int64)
-        order = order[start:]
-        return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order), positions))
-
-    # (path, label, position): the file is read in the same map as its decode, one hop fewer.
-    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
-    return epochs.flat_map(epoch_examples)
-
-
-def _tfds_read(split: TfdsSplit, process_index: int, process_count: int, *, shuffle_seed=None):
-    import tensorflow_datasets as tfds
-
-    subsplit = tfds.even_splits(split.split, n=process_count, drop_remainder=False)[process_index]
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16, interleave_block_length=1)
-    dataset = split.builder.as_dataset(
-        split=subsplit,
-        shuffle_files=shuffle_seed is not None,
-        decoders={split.image_key: tfds.decode.SkipDecoding()},
-        read_config=read_config,
-    )
-    return dataset.map(lambda ex: (ex[split.image_key], ex[split.label_key]))
-
-
-def _tfds_train_examples(split, seed, start_position, process_index, process_count):
-    # A TFDS record file is read as a stream: resuming skips start_position records.
-    dataset = _tfds_read(split, process_index, process_count, shuffle_seed=seed)
-    dataset = dataset.repeat().shuffle(TFDS_SHUFFLE_BUFFER, seed=seed)
-    dataset = dataset.enumerate().map(lambda position, ex: (ex[0], ex[1], position))
-    return dataset.skip(start_position)
-
-
 def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
     """Batches every process runs so that the largest shard is read whole."""
     largest_shard = math.ceil(num_examples / process_count)
@@ -159,7 +105,7 @@ def eval_steps(num_examples: int, per_process_batch: int, process_count: int) ->
 
 
 def eval_dataset(
-    split: FileSplit | TfdsSplit,
+    split: Split,
     aug: Augmentation,
     *,
     per_process_batch: int,
@@ -172,18 +118,11 @@ def eval_dataset(
     """
     hide_accelerators_from_tf()
     steps = eval_steps(split.num_examples, per_process_batch, process_count)
-    if isinstance(split, FileSplit):
-        indices = local_indices(split.num_examples, process_index, process_count)
-        examples = tf.data.Dataset.from_tensor_slices((split.paths[indices], split.labels[indices]))
-        examples = examples.map(lambda path, label: (tf.io.read_file(path), label))
-        num_local = len(indices)
-    else:
-        examples = _tfds_read(split, process_index, process_count)
-        num_local = len(local_indices(split.num_examples, process_index, process_count))
+    num_local = len(local_indices(split.num_examples, process_index, process_count))
 
-    def prepare(image_bytes, label):
+    def prepare(ref, label):
         image = augment.eval_images(
-            image_bytes,
+            split.read(ref),
             crops=aug.eval_crops,
             image_size=aug.image_size,
             resize_size=aug.resize_size,
@@ -191,7 +130,7 @@ def eval_dataset(
         )
         return {"images": image, "labels": tf.cast(label, tf.int32), "mask": tf.constant(1, tf.int32)}
 
-    dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
+    dataset = split.examples(process_index, process_count).map(prepare, num_parallel_calls=AUTOTUNE)
     padding = steps * per_process_batch - num_local
     if padding:
         crops = () if aug.eval_crops == 1 else (aug.eval_crops,)
@@ -205,8 +144,18 @@ def eval_dataset(
     return dataset.prefetch(AUTOTUNE).with_options(_options())
 
 
-def device_batches(dataset: tf.data.Dataset, local_device_count: int) -> Iterator[dict[str, np.ndarray]]:
-    """numpy batches reshaped to [local_devices, per_device_batch, ...] for the pmap'ed step.
+def train_batches(split: Split, aug: Augmentation, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """train_dataset as numpy batches, as the training loop receives them."""
+    return numpy_batches(train_dataset(split, aug, **kwargs))
+
+
+def eval_batches(split: Split, aug: Augmentation, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """eval_dataset as numpy batches."""
+    return numpy_batches(eval_dataset(split, aug, **kwargs))
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """A dataset's batches as numpy.
 
     An image that passed the source's cheap check but still fails to decode
     (corrupt in the middle) stops the run with a UserError, not a bare TF traceback.
@@ -222,4 +171,14 @@ def device_batches(dataset: tf.data.Dataset, local_device_count: int) -> Iterato
                 f"an image failed to decode ({error.message.splitlines()[0]}); find it with "
                 "python -m alexnet_jax.data.resize --check --data_dir=ROOT, then replace or delete it"
             ) from None
+        yield batch
+
+
+def device_batches(
+    batches: Iterable[dict[str, np.ndarray]] | tf.data.Dataset, local_device_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """numpy batches reshaped to [local_devices, per_device_batch, ...] for the pmap'ed step."""
+    if isinstance(batches, tf.data.Dataset):
+        batches = numpy_batches(batches)
+    for batch in batches:
         yield {key: value.reshape((local_device_count, -1) + value.shape[1:]) for key, value in batch.items()}

@@ -23,12 +23,12 @@ import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from alexnet_jax import cli
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger("alexnet_jax.data")
@@ -74,23 +74,10 @@ def _write_one(task: tuple[str | bytes, str, int]) -> tuple[str, str | None]:
     return destination, None
 
 
-def _file_tasks(source, staging: Path, size: int):
+def _tasks(source, staging: Path, size: int):
     for key, split in (("train", source.train), ("eval", source.eval)):
-        for path, label in zip(split.paths, split.labels):
-            class_dir = staging / SPLIT_DIRS[key] / source.class_names[label]
-            yield str(path), str(class_dir / os.path.basename(str(path))), size
-
-
-def _tfds_tasks(source, staging: Path, size: int):
-    import tensorflow_datasets as tfds
-
-    for key, split in (("train", source.train), ("eval", source.eval)):
-        dataset = split.builder.as_dataset(
-            split=split.split, shuffle_files=False, decoders={split.image_key: tfds.decode.SkipDecoding()}
-        )
-        for index, example in enumerate(dataset.as_numpy_iterator()):
-            name = source.class_names[int(example[split.label_key])]
-            yield example[split.image_key], str(staging / SPLIT_DIRS[key] / name / f"{index:08d}.JPEG"), size
+        for item, label, name in split.host_items():
+            yield item, str(staging / SPLIT_DIRS[key] / source.class_names[label] / name), size
 
 
 def write_resized(
@@ -121,7 +108,7 @@ def write_resized(
         for split_dir in SPLIT_DIRS.values():
             for name in source.class_names:
                 (staging / split_dir / name).mkdir(parents=True, exist_ok=True)
-        tasks = (_tfds_tasks if dataset != "image_folder" else _file_tasks)(source, staging, size)
+        tasks = _tasks(source, staging, size)
         start = time.perf_counter()
         count, failed = 0, []
         with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
@@ -130,12 +117,10 @@ def write_resized(
                 if error is not None:
                     failed.append((destination, error))
                     if not skip_bad_images:
-                        raise UserError(
-                            f"cannot read the image for {destination} ({error}); replace or delete it, "
-                            "or pass --skip_bad_images"
-                        )
-        for destination, error in failed:
-            log.warning("skipped %s: %s", destination, error)
+                        sources.report_bad_images(failed, skip=False, how_to_skip="--skip_bad_images")
+        if failed:
+            sources.report_bad_images(failed, skip=True, how_to_skip="--skip_bad_images")
+        for destination, _ in failed:
             os.remove(destination)
         record = {
             "source": str(data_dir),
@@ -156,25 +141,16 @@ def write_resized(
 
 def check_decodes(data_dir: str, *, threads: int | None = None) -> list[tuple[str, str]]:
     """[(path, error)] of the image-folder files TensorFlow cannot decode in full (slow: a full decode each)."""
-    import tensorflow as tf
-
     from alexnet_jax.data import sources
 
     source = sources.open_source("image_folder", data_dir=data_dir, skip_bad_images=True)
     paths = [str(path) for split in (source.train, source.eval) for path in split.paths]
-
-    def decode(path: str) -> str | None:
-        try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        except tf.errors.OpError as error:
-            return error.message.splitlines()[0]
-        return None
-
     with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-        errors = list(pool.map(decode, paths))
+        errors = list(pool.map(sources.decode_error, paths))
     return [(path, error) for path, error in zip(paths, errors) if error is not None]
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alexnet_jax.data.resize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="the image folder's root, or the TFDS data_dir")
@@ -185,30 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_bad_images", action="store_true", help="leave unreadable images out of the copy")
     parser.add_argument("--check", action="store_true", help="only decode every file and list those that fail")
     args = parser.parse_args(argv)
-    try:
-        if args.check:
-            bad = check_decodes(args.data_dir)
-            for path, error in bad:
-                print(f"{path}: {error}")
-            print(f"{len(bad)} file(s) fail to decode")
-            return 1 if bad else 0
-        if not args.out:
-            raise UserError("pass --out=DST, a new directory for the resized copy")
-        record = write_resized(
-            args.data_dir,
-            args.out,
-            size=args.size,
-            dataset=args.dataset,
-            workers=args.workers or None,
-            skip_bad_images=args.skip_bad_images,
-        )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.check:
+        bad = check_decodes(args.data_dir)
+        for path, error in bad:
+            print(f"{path}: {error}")
+        print(f"{len(bad)} file(s) fail to decode")
+        return 1 if bad else 0
+    if not args.out:
+        raise UserError("pass --out=DST, a new directory for the resized copy")
+    record = write_resized(
+        args.data_dir,
+        args.out,
+        size=args.size,
+        dataset=args.dataset,
+        workers=args.workers or None,
+        skip_bad_images=args.skip_bad_images,
+    )
     print(f"wrote {record['images']} images to {args.out} in {record['seconds']} s ({record['skipped']} skipped)")
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
-    sys.exit(main())
+    cli.run(main)

@@ -30,9 +30,64 @@ BAD_IMAGES_SHOWN = 10
 log = logging.getLogger("alexnet_jax.data")
 
 
+class Split:
+    """A split of encoded images that does its own reading: the pipeline never asks which kind it holds.
+
+    Subclasses say how to list examples as tf.data of (ref, label) and how to turn a
+    ref into encoded bytes inside the decode map (`read`), so the pipeline's
+    decode, augmentation, batching and padding are one code path for all of them.
+    """
+
+    augments_on_device = False  # packed splits ship whole images; the step crops them
+    num_examples: int
+
+    def train_batches(self, aug, **kwargs):
+        """Endless numpy training batches (pipeline.train_batches)."""
+        from alexnet_jax.data import pipeline
+
+        return pipeline.train_batches(self, aug, **kwargs)
+
+    def eval_batches(self, aug, **kwargs):
+        """Padded, masked numpy evaluation batches (pipeline.eval_batches)."""
+        from alexnet_jax.data import pipeline
+
+        return pipeline.eval_batches(self, aug, **kwargs)
+
+    def read(self, ref):
+        """Encoded image bytes of a ref (a TF op, run inside the decode map)."""
+        return ref
+
+    def examples(self, process_index: int = 0, process_count: int = 1):
+        """tf.data of (ref, label) in the split's fixed order: this process's share."""
+        raise NotImplementedError
+
+    def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
+        """Endless tf.data of (ref, label, position) from stream position start_position on."""
+        raise NotImplementedError
+
+    def encoded(self, indices: set[int]) -> dict[int, bytes]:
+        """The encoded images at `indices` of the split's fixed order."""
+        found: dict[int, bytes] = {}
+        for index, (ref, _) in enumerate(self.examples().as_numpy_iterator()):
+            if index in indices:
+                found[index] = ref  # records hold the encoded bytes themselves
+                if len(found) == len(indices):
+                    break
+        return found
+
+    def describe(self, index: int) -> str:
+        """Where example `index` comes from, for people."""
+        return f"example {index}"
+
+    def host_items(self):
+        """(file path or encoded bytes, label, a file name for it) of every example, in order, on the host."""
+        for index, (ref, label) in enumerate(self.examples().as_numpy_iterator()):
+            yield ref, int(label), f"{index:08d}.JPEG"
+
+
 @dataclasses.dataclass(frozen=True)
-class FileSplit:
-    """A split held as files on disk: random access by index."""
+class FileSplit(Split):
+    """A split held as image files on disk: random access by index."""
 
     paths: np.ndarray  # [N] str
     labels: np.ndarray  # [N] int32
@@ -41,28 +96,120 @@ class FileSplit:
     def num_examples(self) -> int:
         return len(self.paths)
 
+    def read(self, ref):
+        import tensorflow as tf
+
+        return tf.io.read_file(ref)
+
+    def examples(self, process_index: int = 0, process_count: int = 1):
+        import tensorflow as tf
+
+        indices = local_indices(self.num_examples, process_index, process_count)
+        return tf.data.Dataset.from_tensor_slices((self.paths[indices], self.labels[indices]))
+
+    def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
+        """Each epoch a fresh order, a pure function of (seed, epoch): resuming costs nothing."""
+        import tensorflow as tf
+
+        indices = local_indices(self.num_examples, process_index, process_count)
+        num_local = len(indices)
+        paths, labels = tf.constant(self.paths[indices]), tf.constant(self.labels[indices])
+        first_epoch, offset = divmod(start_position, num_local)
+
+        def epoch_examples(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(num_local, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64) * 2 + 1, epoch])
+            )
+            start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
+            positions = epoch * num_local + tf.range(start, num_local, dtype=tf.int64)
+            order = order[start:]
+            return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order), positions))
+
+        return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
+
+    def encoded(self, indices: set[int]) -> dict[int, bytes]:
+        result = {}
+        for index in indices:
+            with open(str(self.paths[index]), "rb") as handle:
+                result[index] = handle.read()
+        return result
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def host_items(self):
+        for path, label in zip(self.paths, self.labels):
+            yield str(path), int(label), os.path.basename(str(path))
+
 
 @dataclasses.dataclass(frozen=True)
-class TfdsSplit:
-    """A split of a prepared TFDS dataset, read as a stream of records."""
+class TfdsSplit(Split):
+    """A split of a prepared TFDS dataset, read as a stream of records (the one TFDS reader)."""
 
     builder: object  # tfds.core.DatasetBuilder
     split: str
     image_key: str
     label_key: str
     num_examples: int
+    shuffle_buffer: int = 10_000
+
+    def _records(self, process_index: int, process_count: int, shuffle_seed: int | None = None):
+        import tensorflow_datasets as tfds
+
+        subsplit = tfds.even_splits(self.split, n=process_count, drop_remainder=False)[process_index]
+        read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16, interleave_block_length=1)
+        dataset = self.builder.as_dataset(
+            split=subsplit,
+            shuffle_files=shuffle_seed is not None,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+            read_config=read_config,
+        )
+        return dataset.map(lambda example: (example[self.image_key], example[self.label_key]))
+
+    def examples(self, process_index: int = 0, process_count: int = 1):
+        return self._records(process_index, process_count)
+
+    def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
+        # A record file is read as a stream: resuming skips start_position records.
+        dataset = self._records(process_index, process_count, shuffle_seed=seed)
+        dataset = dataset.repeat().shuffle(self.shuffle_buffer, seed=seed)
+        dataset = dataset.enumerate().map(lambda position, example: (example[0], example[1], position))
+        return dataset.skip(start_position)
+
+    def describe(self, index: int) -> str:
+        return f"{self.split}[{index}]"
+
+
+def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+    """The examples process i reads: i, i + P, i + 2P, ... (sizes differ by at most one)."""
+    return np.arange(process_index, num_examples, process_count, dtype=np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     name: str
     class_names: tuple[str, ...]
-    train: FileSplit | TfdsSplit
-    eval: FileSplit | TfdsSplit
+    train: Split
+    eval: Split
+    image_side: int | None = None  # packed sources: every image is image_side x image_side
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def open_source_from_config(config, *, eval_split: str | None = None) -> Source:
+    """open_source with a run's config keys (config.json's "config" dict works too)."""
+    get = config.get
+    return open_source(
+        get("dataset"),
+        data_dir=get("data_dir", "") or "",
+        manual_dir=get("manual_dir", "") or "",
+        train_split=get("train_split", "train"),
+        eval_split=eval_split or get("eval_split", "validation"),
+        download=bool(get("download", False)),
+        skip_bad_images=bool(get("skip_bad_images", False)),
+    )
 
 
 def open_source(
@@ -161,13 +308,18 @@ def check_image(path: str) -> str | None:
 
 def _decodes(path: str) -> bool:
     """Full decode, for the rare file whose end marker is not at the end (some cameras append data)."""
+    return decode_error(path) is None
+
+
+def decode_error(path: str) -> str | None:
+    """Why TensorFlow cannot decode `path` in full (the first line of its message), or None: the one full check."""
     import tensorflow as tf
 
     try:
         tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except tf.errors.OpError:
-        return False
-    return True
+    except tf.errors.OpError as error:
+        return error.message.splitlines()[0]
+    return None
 
 
 def find_bad_images(paths, *, threads: int = 32) -> list[tuple[str, str]]:
@@ -180,25 +332,31 @@ def find_bad_images(paths, *, threads: int = 32) -> list[tuple[str, str]]:
     return [(str(path), reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
-def _handle_bad_images(
-    bad: list[tuple[str, str]], train: FileSplit, evaluation: FileSplit, *, skip: bool
-) -> tuple[FileSplit, FileSplit]:
+def report_bad_images(bad: list[tuple[str, str]], *, skip: bool, how_to_skip: str) -> set[str]:
+    """The one bad-image policy: stop naming the files, or (skip) log each and return their names.
+
+    how_to_skip: the option that skips them in the caller ("--config.skip_bad_images=True",
+    "--skip_bad_images").
+    """
     listing = "; ".join(f"{path}: {reason}" for path, reason in bad[:BAD_IMAGES_SHOWN])
     more = f"; and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
     if not skip:
-        raise UserError(
-            f"{len(bad)} bad image file(s): {listing}{more}. Replace or delete them, or set "
-            "--config.skip_bad_images=True to skip them"
-        )
+        raise UserError(f"{len(bad)} bad image file(s): {listing}{more}. Replace or delete them, or set {how_to_skip}")
     for path, reason in bad:
         log.warning("skipping bad image %s: %s", path, reason)
-    log.warning("skipped %d bad image file(s) (config.skip_bad_images=True)", len(bad))
-    names = {path for path, _ in bad}
+    log.warning("skipped %d bad image file(s) (%s)", len(bad), how_to_skip)
+    return {path for path, _ in bad}
+
+
+def _handle_bad_images(
+    bad: list[tuple[str, str]], train: FileSplit, evaluation: FileSplit, *, skip: bool
+) -> tuple[FileSplit, FileSplit]:
+    names = report_bad_images(bad, skip=skip, how_to_skip="--config.skip_bad_images=True")
     kept = []
     for split in (train, evaluation):
         keep = np.array([path not in names for path in split.paths], bool)
         if not keep.any():
-            raise UserError(f"every image of a split was bad ({listing}{more}); nothing is left to read")
+            raise UserError(f"every image of a split was bad ({len(bad)} file(s)); nothing is left to read")
         kept.append(FileSplit(split.paths[keep], split.labels[keep]))
     return kept[0], kept[1]
 

@@ -1,0 +1,249 @@
+"""The compiled parts of training and evaluation: state, model, train and eval steps.
+
+Pure JAX/Flax/optax: no TensorFlow and no ml_collections, so the benchmark runs the
+very same step on GPU machines that have neither. The steps are pure functions bound
+with functools.partial and pmap'ed (or shard_map'ed) over the local devices with axis
+name "batch". The state goes in unreplicated (in_axes=None) and is kept identical on
+every device with lax.pmean, so what comes back is one state, not one per device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import model as model_lib
+from alexnet_jax import preprocess
+from alexnet_jax.parallel import AXIS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.backward_impl: "auto" picks the hand-written backward passes on the CPU
+# backend, where they are measured faster, and XLA's autodiff elsewhere (cuDNN has
+# fast backward convolutions of its own).
+BACKWARD_IMPL_CHOICES = ("auto", *model_lib.BACKWARD_IMPLS)
+INPUT_SCALE_CHOICES = ("auto", *preprocess.INPUT_SCALES)
+PARALLELISMS = ("pmap", "shard_map")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def resolve_backward_impl(choice: str, backend: str | None = None) -> str:
+    """config.backward_impl -> model.BACKWARD_IMPLS: "auto" is "fast" on the CPU backend, else "lax"."""
+    if choice != "auto":
+        return choice
+    return "fast" if (backend or jax.default_backend()) == "cpu" else "lax"
+
+
+def resolve_input_scale(choice: str, variant: str) -> str:
+    """config.input_scale -> preprocess.INPUT_SCALES: "auto" is the variant's own (raw for the paper)."""
+    return preprocess.default_input_scale(variant) if choice == "auto" else choice
+
+
+def create_model(config: Any, num_classes: int, *, input_scale: str | None = None) -> model_lib.AlexNet:
+    """The model a config describes, with every implementation choice resolved here.
+
+    input_scale: the run's resolved input scale (train.plan_run also looks at a resumed
+    run and init_from weights); None resolves config.input_scale by the variant alone.
+    """
+    return model_lib.AlexNet(
+        variant=config.model,
+        num_classes=num_classes,
+        dropout_rate=config.dropout_rate,
+        dtype=DTYPES[config.dtype],
+        init_scheme=config.init,
+        input_scale=input_scale or resolve_input_scale(config.input_scale, config.model),
+        backward_impl=resolve_backward_impl(config.backward_impl),
+    )
+
+
+def init_state(
+    model: model_lib.AlexNet, tx: optax.GradientTransformation, rng: jax.Array, image_size: int
+) -> TrainState:
+    @jax.jit
+    def init(rng):
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        params = model.init({"params": rng}, images, train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init(rng)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over the batch."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """A key of its own for every device and step (call inside pmap): (seed, step, device)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+
+
+@flax.struct.dataclass
+class DeviceAugment:
+    """The training augmentation done inside the step, for batches of whole packed images.
+
+    A batch that carries 'example_ids' holds [B, size, size, 3] images (the paper's
+    256x256); the step takes each example's crop, flip and colour offset from
+    (seed, example id) with device_augment.train_crops.
+    """
+
+    seed: int = flax.struct.field(pytree_node=False, default=0)
+    image_size: int = flax.struct.field(pytree_node=False, default=224)
+    flip: bool = flax.struct.field(pytree_node=False, default=True)
+    pca_noise_std: float = flax.struct.field(pytree_node=False, default=0.1)
+
+
+def train_inputs(batch: dict[str, jax.Array], augment: DeviceAugment | None) -> tuple[jax.Array, jax.Array | None]:
+    """(images, colour offsets) of a train batch: as shipped, or cropped here from packed images."""
+    if "example_ids" not in batch:
+        return batch["images"], batch.get("color")
+    if augment is None:
+        raise ValueError("a batch of packed images needs the step's DeviceAugment settings")
+    from alexnet_jax import device_augment
+
+    return device_augment.train_crops(
+        batch["images"],
+        batch["example_ids"],
+        seed=augment.seed,
+        image_size=augment.image_size,
+        flip=augment.flip,
+        pca_noise_std=augment.pca_noise_std,
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: model_lib.AlexNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    augment: DeviceAugment | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD update from one device's slice of the batch; runs under pmap.
+
+    batch: {'images': [per_device_batch, S, S, 3] uint8 pixels (or model-ready floats),
+    'labels': [per_device_batch], optionally 'color': [per_device_batch, 3] PCA colour
+    offsets, or 'example_ids' for packed images that the step augments (DeviceAugment)}.
+    """
+    dropout_rng = dropout_key(rng, state.step)
+    pixels, color = train_inputs(batch, augment)
+    images = preprocess.model_input(pixels, color, input_scale=model.input_scale)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+        return cross_entropy(logits, batch["labels"]), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "top1_acc": metrics_lib.correct_top_k(logits, batch["labels"], 1).mean(),
+        "top5_acc": metrics_lib.correct_top_k(logits, batch["labels"], 5).mean(),
+    }
+    metrics = lax.pmean(metrics, AXIS)
+    metrics["grad_norm"] = grad_norm
+    metrics["learning_rate"] = schedule(state.step)
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def example_probabilities(params: Any, images: jax.Array, *, model: model_lib.AlexNet) -> jax.Array:
+    """Softmax per example [B, classes] of images [B, S, S, 3], or [B, crops, S, S, 3]: then
+    averaged over the crops (the paper's 10-crop test)."""
+    crops = images.shape[1] if images.ndim == 5 else 1
+    flat = images.reshape((-1,) + images.shape[-3:])  # [B * crops, S, S, 3]
+    logits = model.apply({"params": params}, flat, train=False).astype(jnp.float32)
+    return jax.nn.softmax(logits).reshape((images.shape[0], crops, -1)).mean(axis=1)
+
+
+def eval_step(
+    params: Sequence[Any], batch: dict[str, jax.Array], *, models: Sequence[model_lib.AlexNet]
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Masked sums over all devices, and this device's probabilities; runs under pmap.
+
+    One model, or several (the paper's ensemble): their per-example softmax is averaged
+    before the loss and the top-k. Padding (mask 0) counts nowhere.
+    """
+    probs = sum(example_probabilities(p, batch["images"], model=m) for p, m in zip(params, models)) / len(models)
+    sums = metrics_lib.masked_sums(probs, batch["labels"], batch["mask"])
+    return lax.psum(sums, AXIS), probs
+
+
+def make_steps(
+    model: model_lib.AlexNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    parallelism: str = "pmap",
+    augment: DeviceAugment | None = None,
+):
+    """The train and eval steps over the local devices; the train step donates the old state.
+
+    train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs),
+    batches as [local_devices, per_device, ...].
+    """
+    train_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment)
+    return _parallel_train(train_fn, parallelism), make_eval_step((model,), parallelism)
+
+
+def make_eval_step(models: Sequence[model_lib.AlexNet], parallelism: str = "pmap"):
+    """The eval step of one model or an ensemble: (params tuple, batch) -> (sums, probs [devices, B, classes])."""
+    eval_fn = functools.partial(eval_step, models=tuple(models))
+    if parallelism == "pmap":
+        return jax.pmap(eval_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0))
+    if parallelism == "shard_map":
+        return _shard_mapped(eval_fn, (_P(), _P(AXIS)), (_P(), _P(AXIS)), donate=False)
+    raise ValueError(f"unknown parallelism {parallelism!r}; expected one of {PARALLELISMS}")
+
+
+def _parallel_train(train_fn, parallelism: str):
+    if parallelism == "pmap":
+        return jax.pmap(train_fn, axis_name=AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,))
+    if parallelism == "shard_map":
+        return _shard_mapped(train_fn, (_P(), _P(AXIS), _P()), (_P(), _P()), donate=True)
+    raise ValueError(f"unknown parallelism {parallelism!r}; expected one of {PARALLELISMS}")
+
+
+def _P(*axes):  # noqa: N802  (PartitionSpec's conventional short name)
+    return jax.sharding.PartitionSpec(*axes)
+
+
+def _shard_mapped(fn, in_specs, out_specs, *, donate: bool):
+    """fn as jax.jit(jax.shard_map(...)) over a one-axis mesh of the local devices.
+
+    The path JAX recommends now that pmap is in maintenance mode (single process only,
+    for now). Each device's block of a sharded input is [1, per_device, ...]; pmap
+    drops that axis, so it is dropped here too, and added back to sharded outputs.
+    check_vma=False: the hand-written conv VJPs (fast_ops) return plain gradients that
+    the varying-axes checker cannot type; the steps' pmean/psum make outputs replicated.
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    squeeze = functools.partial(jax.tree_util.tree_map, lambda x: x[0])
+    expand = functools.partial(jax.tree_util.tree_map, lambda x: x[None])
+
+    def per_device(*args):
+        args = [squeeze(a) if spec == _P(AXIS) else a for a, spec in zip(args, in_specs)]
+        outputs = fn(*args)
+        return tuple(expand(o) if spec == _P(AXIS) else o for o, spec in zip(outputs, out_specs))
+
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
