@@ -50,5 +50,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.quiet_tensorflow()  # before TensorFlow loads (the config files import nothing of it)
+    cli.quiet_tensorflow()  # loads TensorFlow without its C++ start-up notices
+    cli.drop_closed_event_loop_noise()
     app.run(main, flags_parser=parse_flags)

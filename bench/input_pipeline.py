@@ -15,6 +15,22 @@ line printed is one JSON object: img_per_s, pil_img_per_s, decode_img_per_s,
 vs_pil (img_per_s / pil_img_per_s), vs_decode (img_per_s / decode_img_per_s),
 and the setup. A TFDS --dataset runs the pipeline only (its
 files are record shards, not JPEGs on disk).
+
+Packed datasets (python -m alexnet_jax.data.pack) join the rounds with --packed_dir:
+
+    python -m alexnet_jax.data.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_raw
+    python -m alexnet_jax.data.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_jpeg --encoding=jpeg
+    python bench/input_pipeline.py --data_dir=/tmp/jpegs --packed_dir /tmp/jpegs_raw /tmp/jpegs_jpeg
+
+packed.train_batches is timed as the training loop receives it (whole packed
+images, labels, example ids; the crop happens on the device), with the CPU time
+of this process, its reading threads included. Per encoding ENC:
+packed_ENC_img_per_s, packed_ENC_cpu_ms_per_img, packed_ENC_vs_pipeline (x the
+tf.data pipeline's img/s on the originals); for jpeg also bare tf.io.decode_jpeg
+of the pack's own JPEG bytes from memory (packed_jpeg_decode_img_per_s) and
+packed_jpeg_vs_decode / packed_jpeg_cpu_vs_decode (1.0 = as fast as bare decode).
+With one --packed_dir also packed_img_per_s, packed_cpu_ms_per_img. --packed_only
+times the packs alone (no TensorFlow needed for raw packs, e.g. on GPU hosts).
 """
 
 from __future__ import annotations
@@ -136,9 +152,84 @@ class DecodeTimer:
         return count / elapsed, 1000 * cpu / count
 
 
+class PackedTimer:
+    """packed.train_batches as the training loop receives them; one fresh iterator per round."""
+
+    def __init__(self, split, *, batch: int, warmup: int):
+        from alexnet_jax.data import packed
+
+        self.iterator = packed.train_batches(split, per_process_batch=batch, seed=0)
+        self.batch, self.size = batch, split.size
+        for _ in range(warmup):
+            next(self.iterator)
+
+    def __call__(self, batches: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over `batches` batches, the reading threads' CPU included."""
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        for _ in range(batches):
+            images = next(self.iterator)["images"]
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        assert images.shape == (self.batch, self.size, self.size, 3) and images.dtype == np.uint8
+        return batches * self.batch / elapsed, 1000 * cpu / (batches * self.batch)
+
+    def close(self) -> None:
+        self.iterator.close()  # no read-ahead while the other timers run
+
+
+class PackedDecodeTimer(DecodeTimer):
+    """Bare tf.io.decode_jpeg of a jpeg pack's own files, from memory, as the reader decodes them."""
+
+    def __init__(self, split, *, repeats: int):
+        import tensorflow as tf
+
+        from alexnet_jax.data import packed
+
+        files = split.jpeg_files(np.arange(split.num_examples))
+        self.mean_kb = float(np.mean([len(data) for data in files])) / 1024
+
+        def decode(data):
+            return tf.shape(tf.io.decode_jpeg(data, channels=3, dct_method=packed.JPEG_DCT_METHOD))
+
+        dataset = tf.data.Dataset.from_tensor_slices(files).repeat(repeats)
+        self.dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(64).prefetch(tf.data.AUTOTUNE)
+        for _ in self.dataset.take(2):  # warm-up
+            pass
+
+
+def _packed_rounds(args, packs: dict, rounds: dict, decode_timers: dict) -> None:
+    """One round of every pack (and of bare decode of each jpeg pack's files)."""
+    for key, source in packs.items():
+        if key in decode_timers:
+            rounds[key + "_decode"].append(decode_timers[key]())
+        timer = PackedTimer(source.train, batch=args.batch, warmup=args.warmup)
+        rounds[key].append(timer(args.batches))
+        timer.close()
+        del timer
+
+
+def _packed_figures(figures: dict, packs: dict, medians: dict, decode_timers: dict) -> None:
+    for key, source in packs.items():
+        rate, cpu = medians[key]
+        figures[f"{key}_size"] = source.size
+        if "pipeline" in medians:
+            figures[f"{key}_vs_pipeline"] = round(rate / medians["pipeline"][0], 2)
+            figures[f"{key}_cpu_vs_pipeline"] = round(medians["pipeline"][1] / cpu, 2)
+        if key in decode_timers:
+            decode, decode_cpu = medians[key + "_decode"]
+            figures[f"{key}_mean_kb"] = round(decode_timers[key].mean_kb, 1)
+            figures[f"{key}_vs_decode"] = round(rate / decode, 2)
+            figures[f"{key}_cpu_vs_decode"] = round(decode_cpu / cpu, 2)
+    encodings = [source.encoding for source in packs.values()]
+    figures["packed_encoding"] = encodings[0] if len(encodings) == 1 else encodings
+    if len(packs) == 1:
+        (key,) = packs
+        figures["packed_img_per_s"] = figures[f"{key}_img_per_s"]
+        figures["packed_cpu_ms_per_img"] = figures[f"{key}_cpu_ms_per_img"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", required=True, help="an image folder (ROOT/train/<class>/*) or a TFDS data_dir")
+    parser.add_argument("--data_dir", default="", help="an image folder (ROOT/train/<class>/*) or a TFDS data_dir")
     parser.add_argument("--dataset", default="image_folder", help="image_folder or a TFDS name")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--resize_size", type=int, default=256)
@@ -150,17 +241,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timings of all three; medians reported")
     parser.add_argument("--resize_method", default="bilinear", help="bilinear or area (config.resize_method)")
     parser.add_argument("--pipeline_only", action="store_true", help="skip the PIL and bare-decode baselines")
+    parser.add_argument("--packed_dir", nargs="*", default=[], help="packs (data/pack.py) to time as well")
+    parser.add_argument("--packed_only", action="store_true", help="time only the --packed_dir packs")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import packed, sources
 
-    source = sources.open_source(args.dataset, data_dir=args.data_dir)
-    split = source.train
+    packs = {}
+    for directory in args.packed_dir:
+        pack = packed.open_packed(directory)
+        key = f"packed_{pack.encoding}" + (f"_{len(packs)}" if f"packed_{pack.encoding}" in packs else "")
+        packs[key] = pack
+    if args.packed_only and not packs:
+        parser.error("--packed_only needs --packed_dir")
+    if not args.packed_only and not args.data_dir:
+        parser.error("--data_dir is required (or --packed_only with --packed_dir)")
+    split = None if args.packed_only else sources.open_source(args.dataset, data_dir=args.data_dir).train
     figures: dict[str, object] = {
         "dataset": args.dataset,
         "data_dir": args.data_dir,
-        "train_examples": split.num_examples,
+        "train_examples": split.num_examples if split is not None else None,
         "image_size": args.image_size,
         "resize_size": args.resize_size,
         "batch": args.batch,
@@ -168,6 +269,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
     }
+    for key, pack in packs.items():
+        figures[f"{key}_dir"] = pack.directory
     is_files = isinstance(split, sources.FileSplit) and not args.pipeline_only
     pil_timer = decode_timer = None
     if is_files:  # the PIL pool forks before TensorFlow starts threads
@@ -178,23 +281,34 @@ def main() -> None:
         )
         decode_timer = DecodeTimer(paths, repeats=args.repeats)
         figures["pil_workers"] = args.workers
-    # Rounds alternate the three so that a noisy neighbour hits them alike; medians are reported.
+    packed_decode_timers = {
+        key: PackedDecodeTimer(pack.train, repeats=args.repeats)
+        for key, pack in packs.items()
+        if pack.encoding == "jpeg"
+    }
+    # Rounds alternate the timers so that a noisy neighbour hits them alike; medians are reported.
     rounds: dict[str, list[tuple[float, float]]] = {"pipeline": [], "pil": [], "decode": []}
+    for key in packs:
+        rounds[key] = []
+        if key in packed_decode_timers:
+            rounds[key + "_decode"] = []
     for round_index in range(args.rounds):
         if is_files:
             rounds["pil"].append(pil_timer())
             rounds["decode"].append(decode_timer())
-        # A fresh iterator per round, dropped after: a live one would prefetch while the others run.
-        timer = PipelineTimer(
-            split,
-            image_size=args.image_size,
-            resize_size=args.resize_size,
-            resize_method=args.resize_method,
-            batch=args.batch,
-            warmup=args.warmup,
-        )
-        rounds["pipeline"].append(timer(args.batches))
-        del timer
+        if split is not None:
+            # A fresh iterator per round, dropped after: a live one would prefetch while the others run.
+            timer = PipelineTimer(
+                split,
+                image_size=args.image_size,
+                resize_size=args.resize_size,
+                resize_method=args.resize_method,
+                batch=args.batch,
+                warmup=args.warmup,
+            )
+            rounds["pipeline"].append(timer(args.batches))
+            del timer
+        _packed_rounds(args, packs, rounds, packed_decode_timers)
         print(
             f"round {round_index + 1}: "
             + ", ".join(f"{name} {values[-1][0]:,.0f} img/s" for name, values in rounds.items() if values),
@@ -208,8 +322,9 @@ def main() -> None:
         if values:
             rate, cpu = float(np.median([v[0] for v in values])), float(np.median([v[1] for v in values]))
             medians[name] = (rate, cpu)
-            figures[prefixes[name] + "img_per_s"] = round(rate, 1)
-            figures[prefixes[name] + "cpu_ms_per_img"] = round(cpu, 3)
+            prefix = prefixes.get(name, name + "_")
+            figures[prefix + "img_per_s"] = round(rate, 1)
+            figures[prefix + "cpu_ms_per_img"] = round(cpu, 4 if name.startswith("packed") else 3)
     figures["rounds"] = args.rounds
     figures["resize_method"] = args.resize_method
     if is_files:
@@ -219,6 +334,8 @@ def main() -> None:
         figures["vs_decode"] = round(rate / decode, 2)
         figures["cpu_vs_pil"] = round(pil_cpu / cpu, 2)
         figures["cpu_vs_decode"] = round(decode_cpu / cpu, 2)
+    if packs:
+        _packed_figures(figures, packs, medians, packed_decode_timers)
     print(json.dumps(figures))
 
 

@@ -68,7 +68,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--input_scale", default="auto", help="auto, raw or standardized (config.input_scale); auto = the variant's"
     )
     parser.add_argument("--input", choices=("synthetic", "demo"), default="synthetic")
+    parser.add_argument(
+        "--device_augment",
+        type=int,
+        default=0,
+        help="also time the step on whole packed images of this side (e.g. 256), cropped on the device",
+    )
     parser.add_argument("--compare_torch", action="store_true", help="also time PyTorch in the same run")
+    parser.add_argument(
+        "--torch_process",
+        action="store_true",
+        help="with --compare_torch: PyTorch in a process of its own (rounds still alternate), so neither "
+        "framework's threads or allocator disturb the other",
+    )
+    parser.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)  # the child of --torch_process
+    parser.add_argument("--torch_batch", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--torch_channels_last", action="store_true")
     parser.add_argument("--torch_compile", action="store_true")
     parser.add_argument(
@@ -124,7 +138,9 @@ def peak_device_mb(jax) -> float | None:
 class JaxBench:
     """The train step as training builds it, on one fixed synthetic batch."""
 
-    def __init__(self, args, backward_impl: str = "auto"):
+    def __init__(self, args, backward_impl: str = "auto", packed_side: int = 0):
+        """packed_side > 0: the batch is whole packed images of that side plus example ids, and the
+        step crops, flips and colours them itself (steps.DeviceAugment), as for --config.dataset=packed."""
         import jax
         import numpy as np
 
@@ -142,14 +158,19 @@ class JaxBench:
         tx = optim.make_optimizer(config, schedule)
         init_rng, self.dropout_rng = jax.random.split(jax.random.key(0))
         self.state = steps.init_state(model, tx, init_rng, args.image_size)
-        self.p_train, _ = steps.make_steps(model, tx, schedule)
+        augment = steps.DeviceAugment(seed=0, image_size=args.image_size) if packed_side else None
+        self.p_train, _ = steps.make_steps(model, tx, schedule, augment=augment)
         rng = np.random.default_rng(0)
-        shape = (devices, self.per_device, args.image_size, args.image_size, 3)
+        side = packed_side or args.image_size
+        shape = (devices, self.per_device, side, side, 3)
         host = {  # what the input pipeline ships: uint8 pixels and a PCA colour offset per image
             "images": rng.integers(0, 256, shape, dtype=np.uint8),
             "labels": rng.integers(0, args.num_classes, (devices, self.per_device), dtype=np.int32),
-            "color": rng.normal(0, 0.01, (devices, self.per_device, 3)).astype(np.float32),
         }
+        if packed_side:  # packed data: the step draws each example's crop, flip and colour from its id
+            host["example_ids"] = np.arange(args.batch_size, dtype=np.int32).reshape((devices, self.per_device))
+        else:
+            host["color"] = rng.normal(0, 0.01, (devices, self.per_device, 3)).astype(np.float32)
         self.batch = parallel.shard_to_devices(host)
         self.input_scale = model.input_scale
         start = time.perf_counter()
@@ -227,6 +248,52 @@ class TorchBench:
         return time.perf_counter() - start
 
 
+class TorchProcess:
+    """TorchBench in a child process: each round, the parent asks for N steps and reads back the seconds."""
+
+    def __init__(self, argv: list[str], per_device: int):
+        import subprocess
+
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--torch_worker", f"--torch_batch={per_device}"]
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self._line())
+        self.batch_size, self.device, self.compile_s = ready["batch_size"], ready["device"], ready["compile_s"]
+        self.info = ready["info"]
+
+    def _line(self) -> str:
+        line = self.child.stdout.readline()
+        if not line:
+            raise SystemExit("the PyTorch worker process died; run it with --compare_torch alone to see why")
+        return line
+
+    def run(self, steps: int) -> float:
+        self.child.stdin.write(f"{steps}\n")
+        self.child.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait(timeout=60)
+
+
+def torch_worker(args) -> None:
+    """The child of --torch_process: build PyTorch's step, say so, then time N steps per line read."""
+    import torch
+
+    bench = TorchBench(
+        args,
+        args.torch_batch,
+        channels_last=args.torch_channels_last,
+        compile_model=args.torch_compile,
+        autocast_bf16=args.dtype == "bfloat16",
+    )
+    info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    ready = {"batch_size": bench.batch_size, "device": bench.device, "compile_s": bench.compile_s, "info": info}
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        print(bench.run(int(line)), flush=True)
+
+
 def torch_alexnet(nn, variant: str, num_classes: int):
     """torchvision's AlexNet layer for layer (or the paper's widths, groups and LRN)."""
     widths = {"paper": (96, 256, 384, 384, 256), "torchvision": (64, 192, 384, 256, 256)}[variant]
@@ -281,8 +348,35 @@ def demo_batches(args, devices: int):
     return parallel.prefetch_to_device(pipeline.device_batches(dataset, devices), 2)
 
 
+def device_augment_figures(args, host_bench: JaxBench) -> dict:
+    """The step on packed images cropped on the device, against the same step fed host crops, in alternating rounds."""
+    packed = JaxBench(args, host_bench_impl(args), packed_side=args.device_augment)
+    packed_times, host_times = [], []
+    for _ in range(args.rounds):
+        packed_times.append(packed.run(args.steps) / args.steps)
+        host_times.append(host_bench.run(args.steps) / args.steps)
+    packed_step, host_step = statistics.median(packed_times), statistics.median(host_times)
+    return {
+        "device_augment_side": args.device_augment,
+        "device_augment_step_ms": round(1000 * packed_step, 2),
+        "device_augment_step_ms_all": [round(1000 * t, 2) for t in packed_times],
+        "host_crop_step_ms": round(1000 * host_step, 2),
+        "device_augment_img_per_s": round(args.batch_size / packed_step, 2),
+        # Rounds ran back to back: the per-round ratio is the least noisy figure of the augmentation's cost.
+        "device_augment_overhead_per_round": [round(p / h, 3) for p, h in zip(packed_times, host_times)],
+        "device_augment_overhead": round(statistics.median(p / h for p, h in zip(packed_times, host_times)), 3),
+    }
+
+
+def host_bench_impl(args) -> str:
+    return args.backward_impl.split(",")[0]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.torch_worker:
+        torch_worker(args)
+        return {}
     applied = configure_xla(args.xla_cpu_flags)
     import jax
 
@@ -327,16 +421,21 @@ def main(argv=None) -> dict:
         except ImportError:
             print("torch is not installed: skipping --compare_torch", file=sys.stderr)
         else:
-            torch_bench = TorchBench(
-                args,
-                jax_bench.per_device,
-                channels_last=args.torch_channels_last,
-                compile_model=args.torch_compile,
-                autocast_bf16=args.dtype == "bfloat16",
-            )
+            if args.torch_process:
+                torch_bench = TorchProcess(sys.argv[1:] if argv is None else list(argv), jax_bench.per_device)
+                result.update(torch_bench.info, torch_process="separate")
+            else:
+                torch_bench = TorchBench(
+                    args,
+                    jax_bench.per_device,
+                    channels_last=args.torch_channels_last,
+                    compile_model=args.torch_compile,
+                    autocast_bf16=args.dtype == "bfloat16",
+                )
+                result.update(
+                    torch_version=torch.__version__, torch_threads=torch.get_num_threads(), torch_process="same"
+                )
             result.update(
-                torch_version=torch.__version__,
-                torch_threads=torch.get_num_threads(),
                 torch_device=torch_bench.device,
                 torch_channels_last=args.torch_channels_last,
                 torch_compile=args.torch_compile,
@@ -387,6 +486,8 @@ def main(argv=None) -> dict:
         ]
         result["ratio_per_round"] = [round(r, 3) for r in per_round]
         result["ratio_median_of_rounds"] = round(statistics.median(per_round), 3)
+    if args.device_augment:
+        result.update(device_augment_figures(args, jax_bench))
     if args.input == "demo":
         batches = demo_batches(args, jax_bench.devices)
         jax_bench.run_loop(batches, args.warmup + 1)  # fill tf.data's and the device prefetch buffers
@@ -408,6 +509,8 @@ def main(argv=None) -> dict:
                 statistics.median(lt / st for lt, st in zip(loop_times, synth_times)), 3
             ),
         )
+    if isinstance(torch_bench, TorchProcess):
+        torch_bench.close()
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["peak_device_mb"] = peak_device_mb(jax)
     print(json.dumps(result), flush=True)

@@ -116,7 +116,7 @@ def image_folder(tmp_path_factory):
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "rocket", "immunohistochemistry")
 
 
-def write_photo_folder(root, *, train_per_class=60, eval_per_class=10, crop=160, seed=0):
+def write_photo_folder(root, *, photos=PHOTOS, train_per_class=60, eval_per_class=10, crop=160, seed=0):
     """An image folder of real photographs (scikit-image's sample images): one class per photo.
 
     Each example is a random square crop of its photo (a third to two thirds of the
@@ -127,7 +127,7 @@ def write_photo_folder(root, *, train_per_class=60, eval_per_class=10, crop=160,
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for label, name in enumerate(PHOTOS):
+    for label, name in enumerate(photos):
         photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
         width, height = photo.size
         for split, count in (("train", train_per_class), ("validation", eval_per_class)):
@@ -143,4 +143,5 @@ def write_photo_folder(root, *, train_per_class=60, eval_per_class=10, crop=160,
 
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory):
-    return write_photo_folder(tmp_path_factory.mktemp("photos"))
+    """Two classes of real photographs (astronaut, chelsea): 60 training and 10 validation crops each."""
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), photos=PHOTOS[:2])

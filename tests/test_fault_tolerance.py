@@ -105,6 +105,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_bitwise_exact(image_folde
     resumed = _run(interrupted, image_folder, *steps)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {stopped_at}" in resumed.stdout
+    assert "exact resume no longer holds" not in resumed.stdout + resumed.stderr  # same settings
 
     a, b = _restore_arrays(tmp_path / "straight", 5), _restore_arrays(interrupted, 5)
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
@@ -135,6 +136,7 @@ def test_sigkill_mid_run_restarts_from_the_newest_complete_checkpoint_on_another
     assert match, resumed.stdout[-2000:]
     assert 1 <= int(match.group(1)) <= killed_at
     assert "1 local / 1 total devices" in resumed.stdout
+    assert "took over" in resumed.stdout + resumed.stderr  # the killed run's lock: its process is gone
     # every step logged exactly once; the redone steps' old records were moved aside, not lost
     assert [r["step"] for r in _train_records(workdir)] == list(range(1, 7))
     listing = os.listdir(workdir / "checkpoints")

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from alexnet_jax import config as config_lib
+from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import optim, parallel, preprocess, steps
 
 IMAGE_SIZE = 64
@@ -186,3 +187,44 @@ def test_shard_map_path_gives_the_pmap_update_on_eight_devices():
     np.testing.assert_allclose(metrics_p["loss"], metrics_s["loss"], rtol=1e-6)
     for key in sums_p:
         np.testing.assert_allclose(sums_p[key], sums_s[key], rtol=1e-5)
+
+
+def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
+    import logging
+    import time
+
+    from alexnet_jax import train
+
+    def slow_batches():
+        while True:
+            time.sleep(0.05)
+            yield {}
+
+    meter = train.Meter(global_batch=8)
+    batches = slow_batches()
+    for _ in range(4):
+        meter.next_batch(batches)
+        time.sleep(0.01)  # the "step"
+        meter.steps += 1
+    waiting = meter.summary()
+    assert 0.7 < waiting["train/data_wait_frac"] <= 1.0
+    assert waiting["train/img_per_s"] == pytest.approx(4 * 8 / 0.24, rel=0.3)
+    meter.restart()
+    fast = iter([{}] * 4)
+    for _ in range(4):
+        meter.next_batch(fast)
+        time.sleep(0.02)
+    assert meter.summary()["train/data_wait_frac"] < 0.1
+
+    watch = train.DataWaitWatch()
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.train"):
+        watch.check(0.5)
+        assert not caplog.records  # one slow interval is not a pattern
+        watch.check(0.6)
+        watch.check(0.7)
+    assert len(caplog.records) == 1 and "pack the data decode-free" in caplog.text  # warned once
+    progress = metrics_lib.Progress(100, 8, data_wait_shown=0.1)
+    assert "waiting for input 50%" in progress.line(
+        5, {"train/loss": 1.0, "train/img_per_s": 10.0, "train/data_wait_frac": 0.5}
+    )
+    assert "waiting" not in progress.line(5, {"train/loss": 1.0, "train/img_per_s": 10.0, "train/data_wait_frac": 0.05})

@@ -8,6 +8,7 @@ before TensorFlow loads, unless the user set TF_CPP_MIN_LOG_LEVEL themselves.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -19,9 +20,48 @@ EXIT_USER_ERROR = 2
 
 
 def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ INFO/WARNING start-up lines (it reads this once, when it loads)."""
+    """Load TensorFlow with its C++ start-up notices hidden, unless the user asked for them.
+
+    Its oneDNN notice and absl's "All log messages before absl::InitializeLog()" are
+    written to file descriptor 2 while the library loads, whatever TF_CPP_MIN_LOG_LEVEL
+    says, so the load runs with that descriptor pointed at /dev/null. Setting
+    TF_CPP_MIN_LOG_LEVEL=0 or 1 yourself shows them. A TensorFlow that fails to load
+    raises after the descriptor is back, so nothing of ours is hidden.
+    """
+    asked = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") in ("0", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if asked or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+            import tensorflow_datasets  # noqa: F401  (loads TensorFlow's second copy of the notice)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def drop_closed_event_loop_noise() -> None:
+    """Orbax's writer threads may report "Event loop is closed" while the process exits after a failed
+    save; the failure itself was reported in one line already."""
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def closed_loop(value) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    def hook(kind, value, traceback):
+        if not closed_loop(value):
+            previous(kind, value, traceback)
+
+    def unraisable(info):
+        if not closed_loop(info.exc_value):
+            previous_unraisable(info)
+
+    sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def setup_logging(*, level: int = logging.WARNING, project_level: int | None = None, stream=None) -> None:

@@ -13,13 +13,12 @@ from alexnet_jax import optim, steps
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
-BUILTIN_DATASETS = ("image_folder", "demo_digits")
-
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Data.
-    config.dataset = "imagenet2012"  # a TFDS name, "image_folder" or "demo_digits"
+    # A TFDS name, "image_folder", "packed" (made by python -m alexnet_jax.data.pack) or "demo_digits".
+    config.dataset = "imagenet2012"
     config.data_dir = ""  # TFDS data_dir, or the image folder's root; "" = the default
     config.manual_dir = ""  # where the ILSVRC tars lie for imagenet2012; "" = TFDS default
     config.train_split = "train"
@@ -114,6 +113,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         raise UserError(
             "config.dataset='image_folder' needs config.data_dir=ROOT holding train/<class>/* and validation/<class>/*"
         )
+    if config.dataset == "packed" and not config.data_dir:
+        raise UserError("config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack")
 
 
 def _validate_sizes(config: ml_collections.ConfigDict) -> None:

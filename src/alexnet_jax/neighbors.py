@@ -91,34 +91,29 @@ def find_neighbors(
     batch_size: int = 64,
     max_images: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Queries [Q, S, S, 3] -> (indices [Q, k], distances [Q, k], labels [Q, k]) into `split`."""
-    import tensorflow as tf
+    """Queries [Q, S, S, 3] -> (indices [Q, k], distances [Q, k], labels [Q, k]) into `split`.
 
-    from alexnet_jax.data import augment, pipeline
+    The split's images come through its own evaluation batches (centre crop, as the
+    model was evaluated), in the split's fixed order; padding is masked out.
+    """
+    from alexnet_jax.data import pipeline
 
-    pipeline.hide_accelerators_from_tf()
     features = make_feature_fn(classifier)
     nearest = NearestK(features(query_images), k)
-    sizes = classifier.sizes
-    dataset = split.examples()
-    if max_images > 0:
-        dataset = dataset.take(max_images)
-    dataset = dataset.map(
-        lambda ref, label: (augment.eval_image(split.read(ref), **sizes), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+    aug = pipeline.Augmentation(eval_crops=1, **classifier.sizes)
     labels: list[np.ndarray] = []
     seen = 0
-    batches = dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
-    for batch_index, (images, batch_labels) in enumerate(batches):
-        count = len(images)
-        if count < batch_size:  # one shape for every call: pad, then drop the padding's features
-            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
-        nearest.add(features(images)[:count], seen)
-        labels.append(batch_labels)
+    for batch_index, batch in enumerate(split.eval_batches(aug, per_process_batch=batch_size)):
+        count = int(batch["mask"].sum())  # real examples come first; padding only ends the last batch
+        if max_images > 0:
+            count = min(count, max_images - seen)
+        nearest.add(features(batch["images"])[:count], seen)
+        labels.append(batch["labels"][:count])
         seen += count
         if (batch_index + 1) % 50 == 0:
             log.info("fc7 features of %d images", seen)
+        if max_images > 0 and seen >= max_images:
+            break
     if seen < k:
         raise UserError(f"the split has {seen} images, fewer than --k={k}")
     all_labels = np.concatenate(labels)

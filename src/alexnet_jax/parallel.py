@@ -130,25 +130,6 @@ def to_global(tree):
     return jax.tree_util.tree_map(convert, tree)
 
 
-def global_target(tree):
-    """Shape/dtype/sharding structs to restore `tree` as global replicated arrays (several processes)."""
-    sharding = _replicated(Mesh(np.array(jax.devices()), (AXIS,)))
-    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
-
-
-def to_local(tree):
-    """Global replicated arrays -> the same values replicated over this process's devices."""
-    if jax.process_count() == 1:
-        return tree
-    local = _replicated(local_mesh())
-
-    def convert(leaf):
-        shards = [shard.data for shard in leaf.addressable_shards]
-        return jax.make_array_from_single_device_arrays(leaf.shape, local, shards)
-
-    return jax.tree_util.tree_map(convert, tree)
-
-
 def replicate(tree):
     """Copy a state onto every local device, as the pmap'ed step keeps it.
 

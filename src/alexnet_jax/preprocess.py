@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# ImageNet RGB statistics for pixels in [0, 1] (REFERENCE.md).
+# ImageNet RGB statistics for pixels in [0, 1], and the PCA of its RGB covariance
+# (eigenvalues, eigenvectors) that the paper's colour noise uses, as torchvision and
+# fb.resnet.torch publish them.
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)

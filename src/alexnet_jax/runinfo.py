@@ -51,6 +51,7 @@ def write_run_info(
     num_classes: int,
     resize_size: int,
     input_scale: str,
+    process_count: int = 1,
 ) -> str:
     """Write WORKDIR/config.json (atomically). Returns its path.
 
@@ -69,6 +70,7 @@ def write_run_info(
         "model": config.model,
         "num_classes": int(num_classes),
         "class_names": [str(name) for name in class_names],
+        "process_count": int(process_count),  # the data order depends on it (a resume compares it)
         "config": json.loads(config.to_json_best_effort()),
     }
     os.makedirs(workdir, exist_ok=True)

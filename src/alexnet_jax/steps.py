@@ -20,9 +20,9 @@ import numpy as np
 import optax
 from jax import lax
 
+from alexnet_jax import device_augment, preprocess
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import model as model_lib
-from alexnet_jax import preprocess
 from alexnet_jax.parallel import AXIS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -113,8 +113,6 @@ def train_inputs(batch: dict[str, jax.Array], augment: DeviceAugment | None) -> 
         return batch["images"], batch.get("color")
     if augment is None:
         raise ValueError("a batch of packed images needs the step's DeviceAugment settings")
-    from alexnet_jax import device_augment
-
     return device_augment.train_crops(
         batch["images"],
         batch["example_ids"],

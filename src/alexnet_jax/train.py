@@ -10,6 +10,7 @@ once, in plan_run, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import config as config_lib
-from alexnet_jax import figures, optim, parallel, plot, preemption, preprocess, runinfo, steps, trained
+from alexnet_jax import figures, optim, parallel, plot, preemption, preprocess, runinfo, steps, trained, workdir_lock
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.errors import UserError
 from alexnet_jax.evaluate import evaluate_batches
@@ -38,6 +39,27 @@ log = logging.getLogger(__name__)
 # when two in a row spent more than DATA_WAIT_WARN, the run warns once with the remedies.
 DATA_WAIT_SHOWN = 0.1
 DATA_WAIT_WARN = 0.2
+# Config keys that do not change what the next training step computes: changing them
+# on resume keeps the run exact. (model, num_classes and optimizer make a checkpoint
+# unusable and are refused by checkpoint.check_compatible.)
+RESUME_NEUTRAL_KEYS = frozenset(
+    {
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "prefetch_to_device",
+        "eval_batch_size",
+        "eval_crops",
+        "eval_split",
+        "data_dir",
+        "manual_dir",
+        "download",
+        "init_from",
+        "backward_impl",
+        "parallelism",
+    }
+)
 
 
 class DivergenceError(UserError):
@@ -154,10 +176,33 @@ class Resume:
 
     @classmethod
     def find(cls, checkpointer: checkpoint_lib.Checkpointer, workdir: str) -> Resume:
-        step = checkpointer.latest_step()
+        """The newest checkpoint whose files match its manifest (damaged ones are moved aside)."""
+        step = checkpointer.latest_intact_step()
         if step is None:
             return cls(None, None, None)
         return cls(step, checkpointer.read_meta(step), runinfo.read_run_info(workdir))
+
+    def warn_changed_settings(self, config: ml_collections.ConfigDict, process_count: int) -> list[str]:
+        """One warning naming every setting changed since the run was recorded that changes the next steps."""
+        if self.info is None:
+            return []
+        old = dict(self.info.get("config") or {}, process_count=self.info.get("process_count", process_count))
+        new = dict(json.loads(config.to_json_best_effort()), process_count=process_count)
+        neutral = RESUME_NEUTRAL_KEYS
+        if config.schedule != "cosine":  # only the cosine schedule depends on the run's length
+            neutral = neutral | {"num_train_steps", "num_epochs"}
+        changed = [
+            f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new))
+            if key not in neutral and key in old and old.get(key) != new.get(key)
+        ]
+        if changed:
+            log.warning(
+                "resuming with settings changed since the checkpoint: %s; exact resume no longer holds "
+                "(the next steps differ from an uninterrupted run)",
+                ", ".join(changed),
+            )
+        return changed
 
 
 def restore_or_init(
@@ -183,10 +228,13 @@ def restore_or_init(
         state = state.replace(params=params, opt_state=tx.init(params))
         log.info("initialised from %s", pretrained.path)
     if resume.step is not None:
-        state = checkpointer.restore(resume.step, state)
+        # Verified against its manifest; a step Orbax cannot read is moved aside for the one before.
+        resume.step, state = checkpointer.restore_verified(state)
         log.info("resumed from %s at step %d", checkpointer.directory, resume.step)
         if plan.is_primary and (moved := metrics_lib.roll_back(workdir, resume.step)):
             log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, resume.step)
+    if plan.is_primary:
+        checkpointer.check_free_space(state)
     return parallel.replicate(state)
 
 
@@ -349,10 +397,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     Returns the final state. SIGTERM/SIGINT stop it early with a checkpoint (and a normal return).
     """
-    from alexnet_jax.data import sources
-
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     log.info("devices: %s", parallel.describe())
+    lock = lock_workdir(workdir)  # before anything is written there
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
+    """One writer per workdir: process 0 takes the lock for the job; every process learns if it could not."""
+    lock = workdir_lock.WorkdirLock(workdir, process_index=jax.process_index())
+    error = None
+    try:
+        lock.acquire()
+    except UserError as refused:
+        error = refused
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        held = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not np.all(held):
+            raise UserError(f"process 0 could not take the lock of {workdir} (its message says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    from alexnet_jax.data import sources
+
     source = sources.open_source_from_config(config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
@@ -360,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     plan = plan_run(config, source, previous_info=resume.info, pretrained=pretrained)
     if resume.meta is not None:  # another model in this workdir is refused before anything compiles
         checkpoint_lib.check_compatible(resume.meta, plan.model_meta(config), checkpointer.directory)
+        resume.warn_changed_settings(config, plan.process_count)
 
     model = steps.create_model(config, plan.num_classes, input_scale=plan.input_scale)
     schedule = optim.make_schedule(config, plan.steps_per_epoch, plan.total_steps)
@@ -399,6 +475,7 @@ def _record_run(workdir: str, config: ml_collections.ConfigDict, plan: RunPlan, 
         num_classes=plan.num_classes,
         resize_size=plan.resize_size,
         input_scale=plan.input_scale,
+        process_count=plan.process_count,
     )
 
 

@@ -94,13 +94,7 @@ def write_resized(
 
     if size < 1:
         raise UserError(f"--size={size} must be positive")
-    target = Path(out).expanduser().resolve()
-    if target.exists():
-        raise UserError(f"{target} already exists; choose a new --out (nothing there is changed)")
-    if dataset == "image_folder":
-        root = Path(data_dir).expanduser().resolve()
-        if target == root or root in target.parents or target in root.parents:
-            raise UserError(f"--out={target} must lie outside --data_dir={root}, and not contain it")
+    target = sources.new_output_directory(out, data_dir, dataset)
     source = sources.open_source(dataset, data_dir=data_dir, skip_bad_images=skip_bad_images)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))

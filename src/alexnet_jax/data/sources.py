@@ -230,6 +230,14 @@ def open_source(
     """
     if dataset == "image_folder":
         return image_folder(data_dir, skip_bad_images=skip_bad_images)
+    if dataset == "packed":
+        from alexnet_jax.data import packed
+
+        if not data_dir:
+            raise UserError(
+                "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack"
+            )
+        return packed.open_packed(data_dir)
     if dataset == "demo_digits":
         from alexnet_jax.data import demo
 
@@ -330,6 +338,18 @@ def find_bad_images(paths, *, threads: int = 32) -> list[tuple[str, str]]:
     with ThreadPoolExecutor(threads) as pool:
         reasons = list(pool.map(check_image, [str(path) for path in paths], chunksize=256))
     return [(str(path), reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def new_output_directory(out: str, data_dir: str, dataset: str) -> Path:
+    """The resolved --out of a tool that writes a copy of a dataset: new, and apart from its source."""
+    target = Path(out).expanduser().resolve()
+    if target.exists():
+        raise UserError(f"{target} already exists; choose a new --out (nothing there is changed)")
+    if dataset == "image_folder":
+        root = Path(data_dir).expanduser().resolve()
+        if target == root or root in target.parents or target in root.parents:
+            raise UserError(f"--out={target} must lie outside --data_dir={root}, and not contain it")
+    return target
 
 
 def report_bad_images(bad: list[tuple[str, str]], *, skip: bool, how_to_skip: str) -> set[str]:

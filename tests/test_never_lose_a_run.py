@@ -1,0 +1,151 @@
+"""Never lose a run, part two, with real launch.py processes: one writer per workdir, damaged
+checkpoints set aside, a full disk named in one line, changed settings on resume named."""
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, OutputReader, child_env
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import train
+
+
+def _command(workdir, image_folder, *overrides):
+    return [
+        sys.executable,
+        "-u",
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+        f"--workdir={workdir}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={image_folder}",
+        "--config.image_size=64",
+        "--config.batch_size=8",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=1000",
+        *overrides,
+    ]
+
+
+def _train_steps(workdir):
+    return [r["step"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
+
+
+def test_a_second_launch_on_a_held_workdir_stops_at_once_and_the_first_finishes(image_folder, tmp_path):
+    workdir = tmp_path / "run"
+    steps = ["--config.num_train_steps=6", "--config.checkpoint_every_steps=3"]
+    first = subprocess.Popen(
+        _command(workdir, image_folder, *steps),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env(2),
+    )
+    reader = OutputReader(first.stdout)
+    reader.wait_for(r"step 1/6")
+    started = time.monotonic()
+    second = subprocess.run(
+        _command(workdir, image_folder, *steps), capture_output=True, text=True, env=child_env(2), timeout=120
+    )
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {first.pid}" in errors[0], second.stderr
+    assert "Traceback" not in second.stderr and "training paper AlexNet" not in second.stdout  # before compiling
+    assert time.monotonic() - started < 60
+    first.wait(timeout=300)
+    output = reader.rest()
+    assert first.returncode == 0, output[-2000:]
+    assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6]  # every step once: nobody else wrote
+    assert not (workdir / "run.lock").exists()  # released at exit
+
+
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(image_folder, tmp_path):
+    workdir = tmp_path / "run"
+    steps = ["--config.checkpoint_every_steps=1", "--config.schedule=constant"]
+    first = subprocess.run(
+        _command(workdir, image_folder, "--config.num_train_steps=3", *steps),
+        capture_output=True,
+        text=True,
+        env=child_env(2),
+        timeout=400,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    damaged = _largest_file(workdir / "checkpoints" / "3")
+    with open(damaged, "r+b") as handle:  # 4 KB of random bytes in the middle of the largest data file
+        handle.seek(os.path.getsize(damaged) // 2)
+        handle.write(os.urandom(4096))
+    resumed = subprocess.run(
+        _command(workdir, image_folder, "--config.num_train_steps=4", *steps),
+        capture_output=True,
+        text=True,
+        env=child_env(2),
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    console = resumed.stdout + resumed.stderr
+    assert re.search(r"resumed from .* at step 2", console), console[-3000:]
+    assert "checkpoint 3" in console or "step 3" in console
+    aside = [name for name in os.listdir(workdir / "checkpoints") if name.startswith("3.corrupt")]
+    assert len(aside) == 1  # moved aside, not deleted
+    assert "diverged" not in console
+    assert _train_steps(workdir) == [1, 2, 3, 4]  # step 3 redone once, its old record moved aside
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MB file system: room for the lock, config.json and metrics, not for a 250 MB checkpoint."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); the Checkpointer tests cover it")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line(image_folder, tiny_disk):
+    workdir = tiny_disk / "run"
+    result = subprocess.run(
+        _command(workdir, image_folder, "--config.num_train_steps=2", "--config.checkpoint_every_steps=1"),
+        capture_output=True,
+        text=True,
+        env=child_env(2),
+        timeout=400,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "No space left on device" in errors[0] and str(workdir / "checkpoints") in errors[0]
+    assert "free" in errors[0] and "needs about" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not [name for name in os.listdir(workdir / "checkpoints") if "tmp" in name]  # the half-written save is gone
+    assert not (workdir / "run.lock").exists()
+
+
+def test_a_resume_with_changed_settings_names_each_change(caplog):
+    config = config_lib.base_config()
+    recorded = json.loads(config.to_json_best_effort())  # as config.json holds it
+    info = {"config": {**recorded, "batch_size": 64, "seed": 3}, "process_count": 1}
+    resume = train.Resume(step=5, meta={}, info=info)
+    config.log_every_steps = 7  # changes nothing the steps compute
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.train"):
+        changed = resume.warn_changed_settings(config, process_count=2)
+    assert changed == ["batch_size 64 -> 128", "process_count 1 -> 2", "seed 3 -> 0"]
+    assert "exact resume no longer holds" in caplog.text and "batch_size 64 -> 128" in caplog.text
+    assert len(caplog.records) == 1
+    same = train.Resume(step=5, meta={}, info={"config": json.loads(config.to_json_best_effort()), "process_count": 2})
+    assert same.warn_changed_settings(config, process_count=2) == []

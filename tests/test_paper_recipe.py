@@ -1,0 +1,213 @@
+"""The paper's recipe, numerically: its forward pass against an independent PyTorch model, its
+input scale and dropout, and a short run of configs/default.py that must leave chance level."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import PHOTOS, REPO, child_env
+
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import preprocess
+from alexnet_jax.model import AlexNet
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+MEAN_255 = np.array(preprocess.MEAN_RGB, np.float32) * 255.0
+
+
+def paper_alexnet_in_torch(num_classes):
+    """The paper's network written independently in PyTorch (eval mode: dropout outputs x 0.5).
+
+    torch's LocalResponseNorm divides alpha by n; the paper does not: alpha = 5 x 1e-4.
+    """
+
+    class HalfAtTest(nn.Module):  # the paper's dropout at test time
+        def forward(self, x):
+            return 0.5 * x
+
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2, groups=2),
+        nn.ReLU(),
+        nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(256, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 384, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.AdaptiveAvgPool2d((6, 6)),
+        nn.Flatten(),
+        nn.Linear(256 * 36, 4096),
+        nn.ReLU(),
+        HalfAtTest(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        HalfAtTest(),
+        nn.Linear(4096, num_classes),
+    ).eval()
+
+
+def _load_into_torch(torch_model, params):
+    layers = [m for m in torch_model if isinstance(m, nn.Conv2d | nn.Linear)]
+    names = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    with torch.no_grad():
+        for layer, name in zip(layers, names):
+            kernel = np.asarray(params[name]["kernel"])
+            weight = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T  # HWIO->OIHW, [in,out]->[out,in]
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+
+
+def _photos(count, size, seed=0):
+    """uint8 [count, size, size, 3] crops of real photographs."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        photo = Image.fromarray(getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()).convert("RGB")
+        side = min(photo.size) // 2
+        left = int(rng.integers(0, photo.width - side))
+        top = int(rng.integers(0, photo.height - side))
+        images.append(np.asarray(photo.crop((left, top, left + side, top + side)).resize((size, size))))
+    return np.stack(images)
+
+
+@pytest.fixture(scope="module")
+def paper_params():
+    """He-initialised weights, with the biases drawn at random so that every bias matters in the comparison."""
+    net = AlexNet(variant="paper", num_classes=10, init_scheme="modern", input_scale="raw")
+    params = jax.jit(lambda: net.init(jax.random.key(0), jnp.zeros((1, 100, 100, 3)), train=False))()["params"]
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (
+            rng.uniform(-0.1, 0.1, leaf.shape).astype(np.float32) if path[-1].key == "bias" else np.asarray(leaf)
+        ),
+        params,
+    )
+
+
+def test_paper_forward_pass_matches_an_independent_pytorch_model(paper_params):
+    pixels = _photos(3, 100)
+    net = AlexNet(variant="paper", num_classes=10, input_scale="raw")
+    logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(paper_params, pixels))
+    torch_model = paper_alexnet_in_torch(10)
+    _load_into_torch(torch_model, paper_params)
+    centred = (pixels.astype(np.float32) - MEAN_255).transpose(0, 3, 1, 2).copy()  # the paper's input, NCHW
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(centred)).numpy()
+    spread = expected.std(axis=0).mean()  # how much the logits differ between images
+    assert spread > 0.01 * np.abs(expected).mean()  # the comparison is about the images, not the biases
+    np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4 * spread)
+    # Each LRN matters at this input scale: the comparison above would see one missing.
+    for index in (2, 6):
+        without = paper_alexnet_in_torch(10)
+        _load_into_torch(without, paper_params)
+        without[index] = nn.Identity()
+        with torch.no_grad():
+            assert np.abs(without(torch.from_numpy(centred)).numpy() - expected).max() > 100 * 2e-4 * spread
+
+
+def test_paper_dropout_follows_the_relu_of_fc6_and_fc7_without_rescaling(paper_params):
+    net = AlexNet(variant="paper", num_classes=10, input_scale="raw")
+    pixels = _photos(2, 100)
+
+    def capture(train, rng):
+        _, state = net.apply(
+            {"params": paper_params},
+            pixels,
+            train=train,
+            rngs={"dropout": rng},
+            capture_intermediates=True,
+            mutable=["intermediates"],
+        )
+        return jax.tree_util.tree_map(np.asarray, state["intermediates"])
+
+    for name in ("fc6", "fc7"):
+        evaluated = capture(False, jax.random.key(0))
+        hidden = np.maximum(evaluated[name]["__call__"][0], 0)  # the layer's ReLU output
+        np.testing.assert_allclose(evaluated[f"drop_{name}"]["__call__"][0], 0.5 * hidden, rtol=1e-6)
+        trained_pass = capture(True, jax.random.key(3))
+        dense = np.maximum(trained_pass[name]["__call__"][0], 0)
+        dropped = trained_pass[f"drop_{name}"]["__call__"][0]
+        kept = dropped != 0
+        np.testing.assert_array_equal(dropped[kept], dense[kept])  # kept units are not scaled up
+        assert 0.45 < 1 - kept[dense > 0].mean() < 0.55  # half of the live units are dropped
+
+
+@pytest.mark.parametrize("input_scale, expected", [("raw", 1.0), ("standardized", 1 / 255)])
+def test_input_scales(input_scale, expected):
+    pixels = np.array([[[[255, 0, 128]]]], np.uint8)
+    out = np.asarray(preprocess.model_input(pixels, input_scale=input_scale))[0, 0, 0]
+    mean, std = np.array(preprocess.MEAN_RGB), np.array(preprocess.STDDEV_RGB)
+    reference = (pixels[0, 0, 0] - 255 * mean) if input_scale == "raw" else (pixels[0, 0, 0] / 255 - mean) / std
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-4)
+    offset = np.array([[0.1, -0.05, 0.02]], np.float32)
+    shifted = np.asarray(preprocess.model_input(pixels, offset, input_scale=input_scale))[0, 0, 0]
+    per_unit = expected * 255 if input_scale == "raw" else 1 / std
+    np.testing.assert_allclose(shifted - out, offset[0] * per_unit, rtol=1e-4)  # raw: 255 x the [0, 1] offset
+    assert preprocess.default_input_scale("paper") == "raw"
+    assert preprocess.default_input_scale("torchvision") == "standardized"
+
+
+def _logit_spread(input_scale):
+    """Across 12 real photos at the paper's init: how much logits vary between images, against their size."""
+    net = AlexNet(variant="paper", num_classes=6, init_scheme="paper", input_scale=input_scale)
+    params = jax.jit(lambda: net.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False))()["params"]
+    logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(params, _photos(12, 128)))
+    return logits.std(axis=0).mean() / np.abs(logits.mean(axis=0)).mean()
+
+
+def test_at_the_papers_init_the_logits_depend_on_the_input():
+    raw, standardized = _logit_spread("raw"), _logit_spread("standardized")
+    print(f"logit spread across images / logit size: raw {raw:.3g}, standardized {standardized:.3g}")
+    assert raw > 5e-3  # the image reaches the output
+    assert raw > 10 * standardized  # with standardized inputs the constant biases drown it
+
+
+def test_the_papers_recipe_leaves_chance_on_real_photographs(photo_folder, tmp_path):
+    """python launch.py --config=configs/default.py (paper init, raw centred pixels, the paper's dropout)
+    on crops of two photographs, on one device (as a laptop would run it; 8 fake devices would spend
+    the time all-reducing 61M gradients).
+
+    With the standardised inputs and inverted dropout of before, every 5-step mean from step 15 on
+    lay within 0.03 of ln 2 = 0.693 (0.692-0.723).
+    """
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'default.py')}",
+        f"--workdir={workdir}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={photo_folder}",
+        "--config.image_size=64",
+        "--config.batch_size=32",
+        "--config.num_train_steps=50",
+        "--config.log_every_steps=5",
+        "--config.eval_every_steps=1000",
+        "--config.checkpoint_every_steps=1000",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(1), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["train/loss"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
+    print("train/loss every 5 steps:", [round(loss, 3) for loss in losses])
+    assert "raw input" in result.stdout  # configs/default.py's "auto" is the paper's scale
+    assert len(losses) == 10
+    # The mean loss of some 5-step interval lies far below chance: the images reach the output and it
+    # learns. (At batch 32 and lr 0.01 it need not stay there; the paper's batch is 128.)
+    assert min(losses) < math.log(2) - 0.3, losses
