@@ -69,7 +69,8 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
     assert all(0.0 <= r["train/data_wait_frac"] <= 1.0 for r in records if "train/loss" in r)
 
     # The resumed steps read the batches a straight run reads at those steps (not the first ones again).
-    _run_launch(tmp_path / "straight", *common, "--config.num_train_steps=5", monkeypatch=monkeypatch)
+    straight_only = ["--config.num_train_steps=5", "--config.eval_every_steps=5", "--config.checkpoint_every_steps=5"]
+    _run_launch(tmp_path / "straight", *common, *straight_only, monkeypatch=monkeypatch)
     keys = ("train/loss", "train/top1_acc", "train/grad_norm")
     straight_records = metrics_lib.read_metrics(str(tmp_path / "straight"))
     straight = {r["step"]: [r[k] for k in keys] for r in straight_records if "train/loss" in r}

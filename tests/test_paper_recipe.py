@@ -197,7 +197,7 @@ def test_the_papers_recipe_leaves_chance_on_real_photographs(photo_folder, tmp_p
         f"--config.data_dir={photo_folder}",
         "--config.image_size=64",
         "--config.batch_size=32",
-        "--config.num_train_steps=50",
+        "--config.num_train_steps=40",
         "--config.log_every_steps=5",
         "--config.eval_every_steps=1000",
         "--config.checkpoint_every_steps=1000",
@@ -207,7 +207,7 @@ def test_the_papers_recipe_leaves_chance_on_real_photographs(photo_folder, tmp_p
     losses = [r["train/loss"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
     print("train/loss every 5 steps:", [round(loss, 3) for loss in losses])
     assert "raw input" in result.stdout  # configs/default.py's "auto" is the paper's scale
-    assert len(losses) == 10
+    assert len(losses) == 8
     # The mean loss of some 5-step interval lies far below chance: the images reach the output and it
     # learns. (At batch 32 and lr 0.01 it need not stay there; the paper's batch is 128.)
     assert min(losses) < math.log(2) - 0.3, losses
