@@ -49,3 +49,36 @@ def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
     # recorded before the key existed (they shrank with the area filter), or converted weights
     assert runinfo.resize_method({"config": {"image_size": 224}}) == "area"
     assert runinfo.resize_method({"config": None}) == runinfo.resize_method(None) == "area"
+
+
+def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_variant():
+    from alexnet_jax import train, trained
+
+    def pretrained(scale):
+        return trained.TrainedModel(
+            path="weights",
+            params={},
+            variant="paper",
+            num_classes=3,
+            class_names=None,
+            image_size=224,
+            resize_size=256,
+            resize_method="area",
+            input_scale=scale,
+            eval_crops=1,
+            step=None,
+            run_info=None,
+        )
+
+    config = config_lib.base_config()  # paper variant, input_scale "auto"
+    assert train._input_scale(config, None, None) == "raw"
+    assert train._input_scale(config, {"config": {}}, None) == "standardized"  # recorded before the key existed
+    assert train._input_scale(config, {"input_scale": "raw"}, None) == "raw"
+    assert train._input_scale(config, None, pretrained("standardized")) == "standardized"  # converted weights
+    config.input_scale = "raw"
+    with pytest.raises(
+        UserError, match="was trained with 'standardized' inputs; use --config.input_scale=standardized"
+    ):
+        train._input_scale(config, None, pretrained("standardized"))
+    config.model, config.input_scale = "torchvision", "auto"
+    assert train._input_scale(config, None, None) == "standardized"

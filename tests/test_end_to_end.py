@@ -81,6 +81,7 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path, capsys, mo
 def _launch_subprocess(workdir, *overrides, devices=8):
     """Start launch.py in a child process (returns the Popen; output captured as text)."""
     env = child_env(devices)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: the console must still show only our lines
     command = [
         sys.executable,
         os.path.join(REPO, "launch.py"),
@@ -114,4 +115,5 @@ def test_bad_configs_fail_fast_with_one_clear_line(tmp_path):
         assert child.returncode != 0, override
         assert expected in stderr, (override, stderr)
         assert "Traceback" not in stderr, stderr
+        assert "oneDNN" not in stderr and "InitializeLog" not in stderr, stderr  # TensorFlow's C++ notices
         assert not (tmp_path / str(index) / "run" / "checkpoints").exists()

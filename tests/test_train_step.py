@@ -228,3 +228,27 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
         5, {"train/loss": 1.0, "train/img_per_s": 10.0, "train/data_wait_frac": 0.5}
     )
     assert "waiting" not in progress.line(5, {"train/loss": 1.0, "train/img_per_s": 10.0, "train/data_wait_frac": 0.05})
+
+
+def test_the_step_crops_packed_images_itself_and_passes_host_crops_through():
+    from alexnet_jax import device_augment
+
+    rng = np.random.default_rng(0)
+    packed = {
+        "images": rng.integers(0, 256, (4, 72, 72, 3), dtype=np.uint8),
+        "labels": np.zeros(4, np.int32),
+        "example_ids": np.array([5, 6, 7, 8], np.int32),
+    }
+    augment = steps.DeviceAugment(seed=3, image_size=IMAGE_SIZE, flip=True, pca_noise_std=0.1)
+    images, color = jax.jit(steps.train_inputs, static_argnums=1)(packed, augment)
+    expected = device_augment.train_crops(
+        packed["images"], packed["example_ids"], seed=3, image_size=IMAGE_SIZE, flip=True, pca_noise_std=0.1
+    )
+    assert images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(images), np.asarray(expected[0]))
+    np.testing.assert_allclose(np.asarray(color), np.asarray(expected[1]), rtol=1e-6, atol=1e-9)  # jit may fuse
+    host = _batch(4)
+    same, offsets = steps.train_inputs(host, None)  # host-cropped batches pass through untouched
+    assert same is host["images"] and offsets is host["color"]
+    with pytest.raises(ValueError, match="DeviceAugment"):
+        steps.train_inputs(packed, None)
