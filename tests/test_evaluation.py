@@ -54,7 +54,7 @@ def test_masked_sums_leave_out_padding_that_would_score_as_correct():
 @pytest.fixture(scope="module")
 def model_and_params():
     model = AlexNet(variant="paper", num_classes=CLASSES, init_scheme="modern", input_scale="standardized")
-    params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"]
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()["params"]
     return model, jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -64,7 +64,9 @@ def ten_crop_batch(model_and_params):
     model, params = model_and_params
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (16, CROPS, SIZE, SIZE, 3), dtype=np.uint8)
-    logits = np.asarray(model.apply({"params": params}, images.reshape((-1, SIZE, SIZE, 3)), train=False))
+    logits = np.asarray(
+        jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images.reshape((-1, SIZE, SIZE, 3)))
+    )
     probs = _softmax(logits.reshape((16, CROPS, CLASSES))).mean(axis=1)  # the paper: average the softmax
     labels = rng.integers(0, CLASSES, 16).astype(np.int32)
     mask = np.array([1] * 11 + [0] * 5, np.int32)

@@ -90,7 +90,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_bitwise_exact(image_folde
     straight = _start(tmp_path / "straight", image_folder, *steps)  # alongside: the two overlap well
     interrupted = tmp_path / "interrupted"
     process = _start(interrupted, image_folder, *steps)
-    _wait_for_line(process, r"step 2/5")
+    _wait_for_line(process, r"step 3/5")
     process.send_signal(signal.SIGTERM)
     output = _finish(process, timeout=120)
     assert process.returncode == 0, output[-2000:]
@@ -124,7 +124,7 @@ def test_sigkill_mid_run_restarts_from_the_newest_complete_checkpoint_on_another
     workdir = tmp_path / "run"
     steps = ["--config.num_train_steps=5", "--config.checkpoint_every_steps=1"]
     process = _start(workdir, image_folder, *steps, devices=2)
-    _wait_for_line(process, r"step 2/5")
+    _wait_for_line(process, r"step 3/5")
     time.sleep(0.3)  # somewhere inside the next step or its save
     process.kill()
     process.wait(timeout=60)

@@ -10,11 +10,7 @@ import tarfile
 import numpy as np
 from conftest import REPO, child_env
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import demo  # noqa: E402  (configs/demo.py)
-
 from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import train
 from alexnet_jax.data import pipeline, resize, sources
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
@@ -87,10 +83,22 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     assert len(set(val_labels.tolist())) > 1  # the real labels TFDS ships, not a constant
 
     # A short training run on it: the loop reads the TFDS records, and eval counts every image once.
-    config = demo.get_config()
-    config.dataset, config.data_dir, config.manual_dir = "imagenet2012", str(data_dir), str(manual_dir)
-    config.update(batch_size=8, num_train_steps=2, log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2)
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    command = [
+        sys.executable,
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.dataset=imagenet2012",
+        f"--config.data_dir={data_dir}",
+        f"--config.manual_dir={manual_dir}",
+        "--config.batch_size=8",
+        "--config.num_train_steps=2",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=2",
+        "--config.checkpoint_every_steps=2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(2), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     records = metrics_lib.read_metrics(str(tmp_path / "run"))
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
     assert [(r["step"], r["eval/num_examples"]) for r in records if "eval/loss" in r] == [(2, NUM_VAL)]

@@ -69,9 +69,9 @@ def test_adaptive_pool_matches_torch_bins():
 def test_logits_shape_and_dtype(variant, image_size):
     net = AlexNet(variant=variant, num_classes=7, dtype=jnp.bfloat16)
     images = jnp.ones((2, image_size, image_size, 3))
-    variables = net.init(jax.random.key(0), images, train=False)
+    variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(images)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
-    logits = net.apply(variables, images, train=False)
+    logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, images)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     assert model_lib.count_params(variables["params"]) == model_lib.count_params(_params(variant, 7))
 

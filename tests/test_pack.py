@@ -398,32 +398,50 @@ def test_pack_a_prepared_imagenet2012(tmp_path):
 
 
 def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path):
-    """launch's train_and_evaluate with --config.dataset=packed: the step crops on the device; a run
-    resumed from step 2 redoes steps 3 and 4 exactly as the straight run did, and the 10-crop
-    evaluation counts all 13 validation images once on 8 devices."""
+    """python launch.py --config.dataset=packed: the step crops on the device; a run resumed from step 2
+    redoes steps 3 and 4 exactly as the first run did (its input starts at the resume step), and the
+    10-crop evaluation counts all 13 validation images once."""
     import shutil
+    import subprocess
     import sys
 
-    from alexnet_jax import metrics as metrics_lib
-    from alexnet_jax import train
+    from conftest import child_env
 
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import demo  # configs/demo.py
+    from alexnet_jax import metrics as metrics_lib
 
     root = write_image_folder(tmp_path / "images", classes=3, train_per_class=6, eval_per_class=(5, 4, 4))
     pack.write_packed(str(root), str(tmp_path / "pack"), size=72, workers=1)
-    config = demo.get_config()
-    config.update(dataset="packed", data_dir=str(tmp_path / "pack"), image_size=64, batch_size=8, eval_crops=10)
-    config.update(num_train_steps=4, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=2)
-    config.update(schedule="constant", random_flip=True)
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    records = metrics_lib.read_metrics(workdir)
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+        f"--workdir={workdir}",
+        "--config.dataset=packed",
+        f"--config.data_dir={tmp_path / 'pack'}",
+        "--config.image_size=64",
+        "--config.batch_size=8",
+        "--config.eval_crops=10",
+        "--config.num_train_steps=4",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=4",
+        "--config.checkpoint_every_steps=2",
+        "--config.schedule=constant",
+        "--config.random_flip=True",
+    ]
+
+    def launch():
+        result = subprocess.run(command, capture_output=True, text=True, env=child_env(2), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    assert "packed:" in launch()
+    records = metrics_lib.read_metrics(str(workdir))
     assert [(r["step"], r["eval/num_examples"]) for r in records if "eval/loss" in r] == [(4, 13)]
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if killed after step 4's metrics
-    train.train_and_evaluate(config, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed after step 4's metrics
+    assert "at step 2" in launch()
     keys = ("train/loss", "train/top1_acc", "train/grad_norm")
-    redone = {r["step"]: [r[k] for k in keys] for r in metrics_lib.read_metrics(workdir) if "train/loss" in r}
-    with open(os.path.join(workdir, "metrics.rolled_back.jsonl")) as handle:
+    redone = {r["step"]: [r[k] for k in keys] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r}
+    with open(workdir / "metrics.rolled_back.jsonl") as handle:
         first = [json.loads(line) for line in handle]
     assert {r["step"]: [r[k] for k in keys] for r in first if "train/loss" in r} == {3: redone[3], 4: redone[4]}

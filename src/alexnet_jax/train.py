@@ -227,6 +227,9 @@ def restore_or_init(
         params = init_params_from(pretrained, state.params, config.model)
         state = state.replace(params=params, opt_state=tx.init(params))
         log.info("initialised from %s", pretrained.path)
+    if resume.step is None and plan.is_primary and (moved := metrics_lib.roll_back(workdir, 0)):
+        # A run killed before its first checkpoint starts again from step 0: its records go aside.
+        log.info("moved %d metrics.jsonl records of a run with no checkpoint to metrics.rolled_back.jsonl", moved)
     if resume.step is not None:
         # Verified against its manifest; a step Orbax cannot read is moved aside for the one before.
         resume.step, state = checkpointer.restore_verified(state)
