@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +34,18 @@ def child_env(devices=None, **extra):
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def launch_command(workdir, *overrides, config="demo"):
+    """python -u launch.py --config=configs/CONFIG.py --workdir=WORKDIR OVERRIDES...: the real entry point."""
+    return [
+        sys.executable,
+        "-u",
+        os.path.join(REPO, "launch.py"),
+        f"--config={os.path.join(REPO, 'configs', f'{config}.py')}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 class OutputReader:

@@ -3,22 +3,18 @@
 import json
 import os
 import subprocess
-import sys
 
-from conftest import REPO, child_env
+from conftest import child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
 
 
 def _run_launch(workdir, *overrides, devices=2):
     """python launch.py with the demo config and overrides, on `devices` CPU devices; returns its stdout."""
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={workdir}",
+    command = launch_command(
+        workdir,
         *overrides,
-    ]
+    )
     result = subprocess.run(command, capture_output=True, text=True, env=child_env(devices), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -72,13 +68,10 @@ def _launch_subprocess(workdir, *overrides, devices=8):
     """Start launch.py in a child process (returns the Popen; output captured as text)."""
     env = child_env(devices)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: the console must still show only our lines
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={workdir}",
+    command = launch_command(
+        workdir,
         *overrides,
-    ]
+    )
     workdir.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir.parent

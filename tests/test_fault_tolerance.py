@@ -6,14 +6,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from conftest import REPO, OutputReader, child_env
+from conftest import OutputReader, child_env, launch_command
 
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import config as config_lib
@@ -22,12 +21,8 @@ from alexnet_jax import optim, steps
 
 
 def _command(workdir, image_folder, *overrides):
-    return [
-        sys.executable,
-        "-u",
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={workdir}",
+    return launch_command(
+        workdir,
         "--config.dataset=image_folder",
         f"--config.data_dir={image_folder}",
         "--config.image_size=64",
@@ -36,7 +31,7 @@ def _command(workdir, image_folder, *overrides):
         "--config.eval_every_steps=1000",
         "--config.schedule=cosine",
         *overrides,
-    ]
+    )
 
 
 def _env(devices):

@@ -2,13 +2,11 @@
 preparation, reading, a short training run, and a pre-resized copy."""
 
 import io
-import os
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
-from conftest import REPO, child_env
+from conftest import child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.data import pipeline, resize, sources
@@ -83,11 +81,8 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     assert len(set(val_labels.tolist())) > 1  # the real labels TFDS ships, not a constant
 
     # A short training run on it: the loop reads the TFDS records, and eval counts every image once.
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={tmp_path / 'run'}",
+    command = launch_command(
+        tmp_path / "run",
         "--config.dataset=imagenet2012",
         f"--config.data_dir={data_dir}",
         f"--config.manual_dir={manual_dir}",
@@ -96,7 +91,7 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
         "--config.log_every_steps=1",
         "--config.eval_every_steps=2",
         "--config.checkpoint_every_steps=2",
-    ]
+    )
     result = subprocess.run(command, capture_output=True, text=True, env=child_env(2), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics_lib.read_metrics(str(tmp_path / "run"))
@@ -117,14 +112,9 @@ def test_launch_without_tars_stops_at_once(tmp_path):
     empty, empty2 = tmp_path / "data", tmp_path / "manual"
     empty.mkdir()
     empty2.mkdir()
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'default.py')}",
-        f"--workdir={tmp_path / 'run'}",
-        f"--config.data_dir={empty}",
-        f"--config.manual_dir={empty2}",
-    ]
+    command = launch_command(
+        tmp_path / "run", f"--config.data_dir={empty}", f"--config.manual_dir={empty2}", config="default"
+    )
     env = child_env()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert result.returncode != 0

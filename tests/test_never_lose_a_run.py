@@ -6,11 +6,10 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, OutputReader, child_env
+from conftest import OutputReader, child_env, launch_command
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
@@ -18,12 +17,8 @@ from alexnet_jax import train
 
 
 def _command(workdir, image_folder, *overrides):
-    return [
-        sys.executable,
-        "-u",
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={workdir}",
+    return launch_command(
+        workdir,
         "--config.dataset=image_folder",
         f"--config.data_dir={image_folder}",
         "--config.image_size=64",
@@ -31,7 +26,7 @@ def _command(workdir, image_folder, *overrides):
         "--config.log_every_steps=1",
         "--config.eval_every_steps=1000",
         *overrides,
-    ]
+    )
 
 
 def _train_steps(workdir):

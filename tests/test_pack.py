@@ -403,20 +403,16 @@ def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path
     10-crop evaluation counts all 13 validation images once."""
     import shutil
     import subprocess
-    import sys
 
-    from conftest import child_env
+    from conftest import child_env, launch_command
 
     from alexnet_jax import metrics as metrics_lib
 
     root = write_image_folder(tmp_path / "images", classes=3, train_per_class=6, eval_per_class=(5, 4, 4))
     pack.write_packed(str(root), str(tmp_path / "pack"), size=72, workers=1)
     workdir = tmp_path / "run"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-        f"--workdir={workdir}",
+    command = launch_command(
+        workdir,
         "--config.dataset=packed",
         f"--config.data_dir={tmp_path / 'pack'}",
         "--config.image_size=64",
@@ -428,7 +424,7 @@ def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path
         "--config.checkpoint_every_steps=2",
         "--config.schedule=constant",
         "--config.random_flip=True",
-    ]
+    )
 
     def launch():
         result = subprocess.run(command, capture_output=True, text=True, env=child_env(2), timeout=600)

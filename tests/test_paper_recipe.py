@@ -2,15 +2,13 @@
 input scale and dropout, and a short run of configs/default.py that must leave chance level."""
 
 import math
-import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PHOTOS, REPO, child_env
+from conftest import PHOTOS, child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import preprocess
@@ -188,11 +186,8 @@ def test_the_papers_recipe_leaves_chance_on_real_photographs(photo_folder, tmp_p
     lay within 0.03 of ln 2 = 0.693 (0.692-0.723).
     """
     workdir = tmp_path / "run"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "launch.py"),
-        f"--config={os.path.join(REPO, 'configs', 'default.py')}",
-        f"--workdir={workdir}",
+    command = launch_command(
+        workdir,
         "--config.dataset=image_folder",
         f"--config.data_dir={photo_folder}",
         "--config.image_size=64",
@@ -201,7 +196,8 @@ def test_the_papers_recipe_leaves_chance_on_real_photographs(photo_folder, tmp_p
         "--config.log_every_steps=5",
         "--config.eval_every_steps=1000",
         "--config.checkpoint_every_steps=1000",
-    ]
+        config="default",
+    )
     result = subprocess.run(command, capture_output=True, text=True, env=child_env(1), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["train/loss"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]

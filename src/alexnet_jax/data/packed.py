@@ -30,7 +30,6 @@ import dataclasses
 import io
 import itertools
 import json
-import math
 import resource
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_jax.data import sources
-from alexnet_jax.data.sources import local_indices
+from alexnet_jax.data.sources import eval_steps, local_indices
 from alexnet_jax.errors import UserError
 
 FORMAT = "alexnet_jax.packed"
@@ -291,12 +290,6 @@ def decode_jpegs(files: list[bytes], size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- order
-
-
-def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
-    """Batches every process runs so that the largest shard is read whole (pipeline.eval_steps)."""
-    largest_shard = math.ceil(num_examples / process_count)
-    return max(1, math.ceil(largest_shard / per_process_batch))
 
 
 class TrainOrder:

@@ -11,7 +11,6 @@ list and read their examples; nothing here asks which kind of split it holds.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterable, Iterator
 
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax.data import augment
-from alexnet_jax.data.sources import Split, local_indices
+from alexnet_jax.data.sources import Split, eval_steps, local_indices
 from alexnet_jax.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -96,12 +95,6 @@ def train_dataset(
     dataset = examples.map(prepare, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(per_process_batch, drop_remainder=True)
     return dataset.prefetch(AUTOTUNE).with_options(_options())
-
-
-def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
-    """Batches every process runs so that the largest shard is read whole."""
-    largest_shard = math.ceil(num_examples / process_count)
-    return max(1, math.ceil(largest_shard / per_process_batch))
 
 
 def eval_dataset(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,6 +184,12 @@ class TfdsSplit(Split):
 def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
     """The examples process i reads: i, i + P, i + 2P, ... (sizes differ by at most one)."""
     return np.arange(process_index, num_examples, process_count, dtype=np.int64)
+
+
+def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
+    """Evaluation batches every process runs so that the largest shard is read whole (padding masks the rest)."""
+    largest_shard = math.ceil(num_examples / process_count)
+    return max(1, math.ceil(largest_shard / per_process_batch))
 
 
 @dataclasses.dataclass(frozen=True)
