@@ -9,24 +9,12 @@ import subprocess
 import time
 
 import pytest
-from conftest import OutputReader, child_env, launch_command
+from conftest import OutputReader, child_env
+from test_fault_tolerance import _command  # the demo on the image folder, logging every step
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import train
-
-
-def _command(workdir, image_folder, *overrides):
-    return launch_command(
-        workdir,
-        "--config.dataset=image_folder",
-        f"--config.data_dir={image_folder}",
-        "--config.image_size=64",
-        "--config.batch_size=8",
-        "--config.log_every_steps=1",
-        "--config.eval_every_steps=1000",
-        *overrides,
-    )
 
 
 def _train_steps(workdir):
