@@ -171,11 +171,17 @@ def test_a_workdir_of_another_model_is_refused_before_compiling(image_folder, tm
 
 
 def _small_state():
+    """A real TrainState with the project's optimizer over a few AlexNet-named layers: small enough
+    that replicating it on 8 devices and saving it twice takes a moment, not 20 s."""
     config = config_lib.base_config()
-    config.init = "modern"
-    model = steps.create_model(config, 3)
+    rng = np.random.default_rng(0)
+    shapes = {"conv1": (11, 11, 3, 8), "fc6": (72, 16), "fc8": (16, 3)}
+    params = {
+        name: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32), "bias": jnp.ones(shape[-1], jnp.float32)}
+        for name, shape in shapes.items()
+    }
     tx = optim.make_optimizer(config, optim.make_schedule(config, 10, 100))
-    return steps.init_state(model, tx, jax.random.key(0), 64)
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def test_checkpoints_restore_across_device_counts(tmp_path):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -40,14 +41,18 @@ def test_one_writer_per_workdir_and_a_damaged_checkpoint_set_aside(image_folder,
     )
     reader = OutputReader(first.stdout)
     reader.wait_for(r"step 1/4")
-    started = time.monotonic()
-    second = subprocess.run(
-        _command(workdir, image_folder, "--config.num_train_steps=4", *steps),
-        capture_output=True,
-        text=True,
-        env=child_env(2),
-        timeout=120,
-    )
+    first.send_signal(signal.SIGSTOP)  # paused, not gone: it must still be running when the second one looks
+    try:
+        started = time.monotonic()
+        second = subprocess.run(
+            _command(workdir, image_folder, "--config.num_train_steps=4", *steps),
+            capture_output=True,
+            text=True,
+            env=child_env(2),
+            timeout=120,
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-2000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {first.pid}" in errors[0], second.stderr

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
@@ -41,23 +42,49 @@ def _per_device(batch, devices):
     return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
-def test_eight_devices_give_the_one_device_update():
+@pytest.fixture(scope="module")
+def plain():
+    """The demo's recipe without dropout, initialised once for the tests that only read its state."""
+    return _setup()
+
+
+@pytest.fixture(scope="module")
+def with_dropout():
+    return _setup(dropout_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def eight_device_step(plain):
+    """One pmap'ed step over all 8 devices from the shared state, and the shapes the step function saw."""
+    model, tx, schedule, state = plain
+    seen = {}
+
+    def spy(state, batch, rng):
+        seen["images"] = batch["images"].shape
+        seen["labels"] = batch["labels"].shape
+        return steps.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
+
+    p_step = jax.pmap(spy, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
+    new_state, metrics = p_step(state, parallel.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(1))
+    seen["state_devices"] = len(new_state.params["fc8"]["kernel"].sharding.device_set)
+    # one host copy kept for the module, not 8 device copies of 61M parameters and their momentum
+    return jax.device_get(new_state), jax.device_get(metrics), seen
+
+
+def test_eight_devices_give_the_one_device_update(plain, eight_device_step):
     assert jax.local_device_count() == 8
-    model, tx, schedule, state = _setup()
-    batch = _batch(16)
+    model, tx, schedule, state = plain
+    state_8, metrics_8, _ = eight_device_step
     step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
-    p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
-    rng = jax.random.key(1)
-    state_8, metrics_8 = p_step(state, parallel.shard_to_devices(_per_device(batch, 8)), rng)
     one_device = jax.pmap(
         step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
     )
-    state_1, metrics_1 = one_device(state, jax.tree_util.tree_map(lambda v: v[None], batch), rng)
+    batch = jax.tree_util.tree_map(lambda v: v[None], _batch(16))
+    state_1, metrics_1 = one_device(state, batch, jax.random.key(1))
     assert int(state_8.step) == int(state_1.step) == 1
-    for a, b in zip(jax.tree_util.tree_leaves(state_8.params), jax.tree_util.tree_leaves(state_1.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    assert_trees_close(state_8.params, state_1.params, rtol=2e-4, atol=2e-6)
     moved = [
-        float(jnp.max(jnp.abs(a - b)))
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(jax.tree_util.tree_leaves(state_8.params), jax.tree_util.tree_leaves(state.params))
     ]
     assert max(moved) > 1e-4  # it did update
@@ -83,8 +110,7 @@ def test_pixels_and_colour_offsets_give_the_update_of_the_scaled_images(input_sc
     from_pixels, metrics = one_device(state, add_axis(batch), jax.random.key(1))
     from_floats, expected = one_device(state, add_axis(reference), jax.random.key(1))
     np.testing.assert_allclose(float(metrics["loss"]), float(expected["loss"]), rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(from_pixels.params), jax.tree_util.tree_leaves(from_floats.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert_trees_close(from_pixels.params, from_floats.params, rtol=1e-4, atol=1e-6)
     without_colour, _ = one_device(
         state, add_axis({**batch, "color": np.zeros_like(batch["color"])}), jax.random.key(1)
     )
@@ -93,26 +119,17 @@ def test_pixels_and_colour_offsets_give_the_update_of_the_scaled_images(input_sc
     )
 
 
-def test_step_sees_per_device_batch_and_state_is_one_copy():
-    model, tx, schedule, state = _setup()
-    seen = {}
-
-    def spy(state, batch, rng):
-        seen["images"] = batch["images"].shape
-        seen["labels"] = batch["labels"].shape
-        return steps.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
-
-    p_step = jax.pmap(spy, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
-    new_state, _ = p_step(state, parallel.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(0))
-    assert seen == {"images": (2, IMAGE_SIZE, IMAGE_SIZE, 3), "labels": (2,)}
+def test_step_sees_per_device_batch_and_state_is_one_copy(plain, eight_device_step):
+    state = plain[3]
+    new_state, _, seen = eight_device_step
+    assert seen == {"images": (2, IMAGE_SIZE, IMAGE_SIZE, 3), "labels": (2,), "state_devices": 8}
     # out_axes=None: one state, replicated on all devices, same shapes as before
     assert jax.tree_util.tree_map(jnp.shape, new_state.params) == jax.tree_util.tree_map(jnp.shape, state.params)
-    assert len(new_state.params["fc8"]["kernel"].sharding.device_set) == 8
 
 
-def test_dropout_masks_differ_across_devices_and_steps():
+def test_dropout_masks_differ_across_devices_and_steps(with_dropout):
     """Same images on every device: with dropout on, the per-device losses must differ."""
-    model, tx, schedule, state = _setup(dropout_rate=0.5)
+    model, tx, schedule, state = with_dropout
 
     def per_device_loss(state, batch, rng):
         dropout_rng = steps.dropout_key(rng, state.step)
@@ -127,8 +144,8 @@ def test_dropout_masks_differ_across_devices_and_steps():
     assert not np.allclose(losses, later)
 
 
-def test_eval_step_counts_only_unmasked_examples_and_averages_crops():
-    model, tx, schedule, state = _setup()
+def test_eval_step_counts_only_unmasked_examples_and_averages_crops(plain):
+    model, tx, schedule, state = plain
     p_eval = steps.make_eval_step((model,))
     batch = _batch(16)
     mask = np.ones(16, np.int32)
@@ -168,8 +185,8 @@ def test_top_k_counts_ties_for_the_label(k):
     np.testing.assert_array_equal(np.asarray(correct_top_k(logits, labels, k)), expected)
 
 
-def test_shard_map_path_gives_the_pmap_update_on_eight_devices():
-    model, tx, schedule, state = _setup(dropout_rate=0.5)  # dropout on: the keys must match too
+def test_shard_map_path_gives_the_pmap_update_on_eight_devices(with_dropout):
+    model, tx, schedule, state = with_dropout  # dropout on: the keys must match too
     batch = parallel.shard_to_devices(_per_device(_batch(16, seed=3), 8))
     rng = jax.random.key(7)
     results = {}
@@ -183,8 +200,7 @@ def test_shard_map_path_gives_the_pmap_update_on_eight_devices():
         results[parallelism] = (jax.device_get(new_state), jax.device_get(metrics), jax.device_get(sums))
     (state_p, metrics_p, sums_p), (state_s, metrics_s, sums_s) = results["pmap"], results["shard_map"]
     assert int(state_s.step) == 1
-    for a, b in zip(jax.tree_util.tree_leaves(state_p), jax.tree_util.tree_leaves(state_s)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_trees_close(state_s, state_p, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics_p["loss"], metrics_s["loss"], rtol=1e-6)
     for key in sums_p:
         np.testing.assert_allclose(sums_p[key], sums_s[key], rtol=1e-5)
