@@ -50,6 +50,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.quiet_tensorflow()  # loads TensorFlow without its C++ start-up notices
+    # TensorFlow loads later (train.train_and_evaluate, without its C++ start-up notices), once the
+    # flags, the config and the workdir's lock have passed: a mistake there is reported in seconds.
+    cli.native_notices_asked_for()  # before the config file imports JAX
     cli.drop_closed_event_loop_noise()
     app.run(main, flags_parser=parse_flags)

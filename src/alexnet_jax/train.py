@@ -21,8 +21,20 @@ import jax
 import numpy as np
 
 from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import (
+    cli,
+    figures,
+    optim,
+    parallel,
+    plot,
+    preemption,
+    preprocess,
+    runinfo,
+    steps,
+    trained,
+    workdir_lock,
+)
 from alexnet_jax import config as config_lib
-from alexnet_jax import figures, optim, parallel, plot, preemption, preprocess, runinfo, steps, trained, workdir_lock
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.errors import UserError
 from alexnet_jax.evaluate import evaluate_batches
@@ -404,6 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log.info("devices: %s", parallel.describe())
     lock = lock_workdir(workdir)  # before anything is written there
     try:
+        # TensorFlow (seconds to load on a small machine) only once the settings and the workdir are known good.
+        cli.quiet_tensorflow()
         return _train_and_evaluate(config, workdir)
     finally:
         lock.release()

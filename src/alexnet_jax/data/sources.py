@@ -126,6 +126,7 @@ class FileSplit(Split):
             order = order[start:]
             return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order), positions))
 
+        epoch_examples = tf.autograph.experimental.do_not_convert(epoch_examples)  # as pipeline.py's functions
         return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
 
     def encoded(self, indices: set[int]) -> dict[int, bytes]:
