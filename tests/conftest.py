@@ -31,10 +31,14 @@ def _ram_backed_temp_root(path="/dev/shm", min_free=8 << 30):
 
 _ram_backed_temp_root()
 
-# One persistent compilation cache for the whole session, shared with the launch.py
-# subprocesses: the same AlexNet step is compiled once, not once per run.
-_CACHE = tempfile.mkdtemp(prefix="alexnet_jax_test_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# One persistent compilation cache for the whole session, shared by the pytest-xdist workers and
+# the launch.py subprocesses: the same AlexNet step is compiled once, not once per run. The
+# controlling pytest process (or the only one, without workers) owns it and removes it at exit.
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+_CACHE = os.path.join(tempfile.gettempdir(), f"alexnet_jax_test_cache_{os.getppid() if _WORKER else os.getpid()}")
+os.makedirs(_CACHE, exist_ok=True)
+if not _WORKER:
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
