@@ -221,14 +221,3 @@ def assert_trees_equal(actual, desired):
         a, b = np.asarray(a), np.asarray(b)
         if not (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)):
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_module_memory():
-    """After each test module, drop its compiled programs and garbage: the 8-device AlexNet steps
-    later in the suite ran 1.5x slower in a process still holding earlier modules' executables."""
-    yield
-    import gc
-
-    jax.clear_caches()
-    gc.collect()

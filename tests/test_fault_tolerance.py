@@ -38,11 +38,10 @@ def _env(devices):
     return child_env(devices)
 
 
-def _run(workdir, image_folder, *overrides, devices=2):
-    result = subprocess.run(
-        _command(workdir, image_folder, *overrides), capture_output=True, text=True, env=_env(devices), timeout=400
+def _run(workdir, image_folder, *overrides, devices=2, timeout=400):
+    return subprocess.run(
+        _command(workdir, image_folder, *overrides), capture_output=True, text=True, env=_env(devices), timeout=timeout
     )
-    return result
 
 
 def _start(workdir, image_folder, *overrides, devices=2):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import OutputReader, child_env
-from test_fault_tolerance import _command  # the demo on the image folder, logging every step
+from test_fault_tolerance import _command, _run  # the demo on the image folder, logging every step
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
@@ -44,13 +44,7 @@ def test_one_writer_per_workdir_and_a_damaged_checkpoint_set_aside(image_folder,
     first.send_signal(signal.SIGSTOP)  # paused, not gone: it must still be running when the second one looks
     try:
         started = time.monotonic()
-        second = subprocess.run(
-            _command(workdir, image_folder, "--config.num_train_steps=4", *steps),
-            capture_output=True,
-            text=True,
-            env=child_env(2),
-            timeout=120,
-        )
+        second = _run(workdir, image_folder, "--config.num_train_steps=4", *steps, timeout=120)
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-2000:]
@@ -68,13 +62,7 @@ def test_one_writer_per_workdir_and_a_damaged_checkpoint_set_aside(image_folder,
     with open(damaged, "r+b") as handle:  # 4 KB of random bytes in the middle of the largest data file
         handle.seek(os.path.getsize(damaged) // 2)
         handle.write(os.urandom(4096))
-    resumed = subprocess.run(
-        _command(workdir, image_folder, "--config.num_train_steps=5", *steps),
-        capture_output=True,
-        text=True,
-        env=child_env(2),
-        timeout=400,
-    )
+    resumed = _run(workdir, image_folder, "--config.num_train_steps=5", *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     console = resumed.stdout + resumed.stderr
     assert re.search(r"resumed from .* at step 2", console), console[-3000:]
@@ -101,13 +89,7 @@ def tiny_disk(tmp_path):
 
 def test_a_full_disk_stops_the_run_with_one_line(image_folder, tiny_disk):
     workdir = tiny_disk / "run"
-    result = subprocess.run(
-        _command(workdir, image_folder, "--config.num_train_steps=2", "--config.checkpoint_every_steps=1"),
-        capture_output=True,
-        text=True,
-        env=child_env(2),
-        timeout=400,
-    )
+    result = _run(workdir, image_folder, "--config.num_train_steps=2", "--config.checkpoint_every_steps=1")
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
