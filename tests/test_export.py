@@ -123,6 +123,14 @@ def test_to_torchvision_inverts_from_torchvision():
             np.testing.assert_array_equal(back[layer][name], params[layer][name])
 
 
+def test_parity_catches_a_small_shift_and_a_changed_answer():
+    ours = np.array([[3.0, -1.0, 0.5], [0.0, 2.0, -2.0]], np.float32)
+    assert export.parity(ours, ours + 1e-5).ok  # 3e-6 of the scale 3
+    shifted = export.parity(ours, ours + np.float32(1e-3))
+    assert (shifted.max_abs_diff, shifted.logit_scale) == pytest.approx((1e-3, 3.0), rel=1e-3) and not shifted.ok
+    assert not export.parity(ours, ours[:, ::-1]).same_top1
+
+
 @pytest.mark.parametrize("source", ["torchvision_run", "converted"])
 def test_torchvision_export_gives_our_logits_on_photos(source, request, tmp_path, capsys):
     torch = pytest.importorskip("torch", reason=NEEDS_EXPORT_EXTRA)
