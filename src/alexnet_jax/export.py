@@ -280,7 +280,6 @@ def check_out(out: str, target: str) -> str:
 
 def recorded_variant(path: str) -> str | None:
     """The variant a workdir's config.json or a converted checkpoint's model.json names, without loading params."""
-    path = os.path.abspath(os.path.expanduser(path))
     if checkpoint.is_converted(path):
         with open(os.path.join(path, checkpoint.MODEL_FILE)) as handle:
             return json.load(handle).get("model")
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the file to write (never overwritten)")
     parser.add_argument("--image_size", type=int, default=-1, help="ONNX input side; -1 = as the run was trained")
     args = parser.parse_args(argv)
-    path = args.workdir or args.checkpoint
+    path = trained.check_path(args.workdir or args.checkpoint)
     out = check_out(args.out, args.to)
     if args.to == "torchvision":  # refused before the weights are read
         _refuse_paper(recorded_variant(path))

@@ -65,19 +65,14 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1) -> TrainedMo
     image_size / resize_size: -1 = as trained; a record without them gets 224 and
     the paper's 256/224 ratio, with a warning.
     """
-    path = os.path.abspath(os.path.expanduser(path))
+    path = check_path(path)
     if checkpoint.is_converted(path):
         params, record = checkpoint.load_converted(path)
         info, step = None, None
-    elif checkpoint.is_workdir(path):
+    else:
         params, record, step = checkpoint.load_run_params(path)
         info = runinfo.read_run_info(path)
         record = {**record, **runinfo.model_record(info)}
-    else:
-        raise UserError(
-            f"{path} is neither a converted checkpoint (with {checkpoint.MODEL_FILE}) nor a run's workdir "
-            "(with checkpoints/); make one with python -m alexnet_jax.convert --pth=FILE --out=DIR"
-        )
     image_size, resize_size = _sizes(path, record, image_size, resize_size)
     num_classes = int(record.get("num_classes") or params["fc8"]["bias"].shape[0])
     if not record.get("class_names"):
@@ -96,6 +91,17 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1) -> TrainedMo
         step=step,
         run_info=info,
     )
+
+
+def check_path(path: str) -> str:
+    """The absolute path of a converted checkpoint or a run's workdir, checked before anything is read."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not (checkpoint.is_converted(path) or checkpoint.is_workdir(path)):
+        raise UserError(
+            f"{path} is neither a converted checkpoint (with {checkpoint.MODEL_FILE}) nor a run's workdir "
+            "(with checkpoints/); make one with python -m alexnet_jax.convert --pth=FILE --out=DIR"
+        )
+    return path
 
 
 def _sizes(path: str, record: dict[str, Any], image_size: int, resize_size: int) -> tuple[int, int]:
