@@ -218,7 +218,8 @@ def test_refusals_are_one_line(paper_run, converted, tmp_path, capsys, monkeypat
     existing.write_bytes(b"a user's file")
     assert "already exists" in refused(f"--checkpoint={converted}", "--to=onnx", f"--out={existing}")
     assert existing.read_bytes() == b"a user's file"
-    for module, target, suffix in (("jax2onnx", "onnx", "onnx"), ("torch", "torchvision", "pth")):
+    missing = (("jax2onnx", "onnx", "onnx"), ("torch", "torchvision", "pth"), ("torchvision", "torchvision", "pth"))
+    for module, target, suffix in missing:
         with monkeypatch.context() as patch:
             patch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
             err = refused(f"--checkpoint={converted}", f"--to={target}", f"--out={tmp_path / f'b.{suffix}'}")

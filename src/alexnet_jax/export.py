@@ -98,6 +98,11 @@ def _require(module: str, purpose: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{purpose} needs {module}, which is not installed: {INSTALL}") from None
+    except (OSError, RuntimeError) as error:  # e.g. a torchvision built for another torch
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UserError(
+            f"{purpose} needs {module}, which does not import here ({type(error).__name__}: {first_line}): {INSTALL}"
+        ) from None
 
 
 # --- torchvision -----------------------------------------------------------------
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.to == "torchvision":  # refused before the weights are read
         _refuse_paper(recorded_variant(path))
         _require("torch", "--to=torchvision")
+        _require("torchvision", "checking the exported state dict")
     else:
         with _quiet_exporter():
             _require("jax2onnx", "--to=onnx")
