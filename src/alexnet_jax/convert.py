@@ -1,4 +1,4 @@
-"""torchvision AlexNet weights -> Flax params, written as a converted checkpoint.
+"""torchvision AlexNet weights -> Flax params, written as a converted checkpoint (and back: to_torchvision).
 
     python -m alexnet_jax.convert --pth=alexnet-owt-7be5be79.pth --out=weights/torchvision_alexnet
 
@@ -78,6 +78,21 @@ def from_torchvision(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.nd
                 )
         params[layer] = {"kernel": kernel, "bias": bias}
     return params
+
+
+def to_torchvision(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Params of AlexNet(variant="torchvision") -> torchvision's state dict (as numpy): from_torchvision inverted.
+
+    Conv kernels go [kh, kw, in, out] -> [out, in, kh, kw]; dense [in, out] -> [out, in];
+    the names are the same TORCHVISION_NAMES table, read the other way.
+    """
+    state_dict: dict[str, np.ndarray] = {}
+    for layer, prefix in model_lib.TORCHVISION_NAMES.items():
+        kernel = _numpy(params[layer]["kernel"])
+        weight = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
+        state_dict[f"{prefix}.weight"] = np.ascontiguousarray(weight)
+        state_dict[f"{prefix}.bias"] = _numpy(params[layer]["bias"])
+    return state_dict
 
 
 def read_pth(path: str) -> Mapping[str, Any]:

@@ -227,7 +227,8 @@ class AlexNet(nn.Module):
         def pool(x):
             if fast:
                 return fast_ops.max_pool(x, 3, 2)
-            return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+            # By keyword: the ONNX exporter (jax2onnx) swaps in a keyword-only nn.max_pool while it traces.
+            return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
         x = nn.relu(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
