@@ -318,6 +318,10 @@ def stage_prior_s(stage: Stage, settings: Settings, rounds: int) -> dict:
     if stage.impl == "compile":
         compiles += PRIORS["torch_compile_s"] * len({(c["model"], c["dtype"]) for c in cells})
     steps_s = sum(cell_prior_s(stage, c, settings, rounds) - cell_compile_prior_s(stage, c) for c in cells)
+    if stage.kind == "levers":  # each lever's rounds alternate with as many of the baseline's
+        steps_s += sum(
+            cell_prior_s(stage, cells[0], settings, rounds) - cell_compile_prior_s(stage, cells[0]) for _ in cells[1:]
+        )
     if stage.kind == "profile":
         steps_s += PRIORS["profile_trace_s"]
     return {"start_s": start, "compile_s": compiles, "steps_s": steps_s, "total_s": start + compiles + steps_s}

@@ -8,9 +8,11 @@ the checks are on the JSON lines and files it leaves under OUT.
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import REPO, child_env
@@ -44,21 +46,33 @@ GPU_HOST_LACKS = ("tensorflow", "tensorflow_datasets", "ml_collections")
 
 _BLOCKER = textwrap.dedent(
     '''
-    """Refuse to import the packages named in ALEXNET_TEST_BLOCKED_IMPORTS, as if they were not installed."""
+    """Make the packages named in ALEXNET_TEST_BLOCKED_IMPORTS look not installed.
+
+    The path finder is wrapped so that it does not find them: find_spec gives None and import
+    raises ModuleNotFoundError, as where they are missing (importlib.metadata still sees them).
+    """
+    import importlib.machinery
     import os
     import sys
 
     _BLOCKED = frozenset(os.environ.get("ALEXNET_TEST_BLOCKED_IMPORTS", "").split(","))
 
 
-    class _Blocked:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in _BLOCKED:
-                raise ImportError(f"No module named {name!r} (blocked: the GPU host has none)")
-            return None
+    class _PathFinderWithout:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name.partition(".")[0] in _BLOCKED:
+                return None
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+        @classmethod
+        def invalidate_caches(cls):
+            importlib.machinery.PathFinder.invalidate_caches()
 
 
-    sys.meta_path.insert(0, _Blocked())
+    sys.meta_path[:] = [
+        _PathFinderWithout if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path
+    ]
     '''
 )
 
@@ -79,9 +93,11 @@ def _env(tmp_path, blocked, **settings):
 
 def _rehearse(tmp_path, blocked, timeout=900, **settings):
     env = _env(tmp_path, blocked, **settings)
-    for name in blocked:  # the environment really lacks them
-        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
-        assert probe.returncode != 0 and "blocked" in probe.stderr, name
+    probe = "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(n) for n in sys.argv[1:]))"
+    assert subprocess.run([sys.executable, "-c", probe, *blocked], env=env).returncode == 0  # not found there
+    for name in blocked:
+        imported = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
+        assert f"ModuleNotFoundError: No module named '{name}'" in imported.stderr
     result = subprocess.run(
         ["bash", os.path.join(REPO, "bench", "gpu.sh")], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -184,12 +200,43 @@ def test_without_torch_the_lines_say_so(tmp_path):
     assert others and all(line["status"] == "skipped" and "not selected" in line["status_note"] for line in others)
 
 
-@pytest.mark.parametrize("budget", [0])
-def test_a_budget_too_short_for_anything_skips_every_cell_and_says_why(tmp_path, budget):
-    lines, out, _ = _rehearse(tmp_path, GPU_HOST_LACKS, BUDGET_S=budget)
+def test_a_budget_too_short_for_anything_skips_every_cell_and_says_why(tmp_path):
+    lines, out, _ = _rehearse(tmp_path, GPU_HOST_LACKS, BUDGET_S=0)
     assert lines and all(line["status"] == "skipped" and line["status_note"].startswith("budget") for line in lines)
     assert all(line["img_per_s"] is None and line["ratio_vs_torch"] is None for line in lines)
-    assert (out / "profile_summary.txt").read_text().startswith("no profile: budget")
+    assert (out / "profile_summary.txt").read_text() == "no profile: no JAX grid cell ran in this run\n"
+
+
+@pytest.mark.parametrize("stage", ["jax-paper-bfloat16", "torch-eager-bfloat16"])
+def test_a_worker_whose_time_is_up_starts_no_cell(tmp_path, stage):
+    """The worker's own check (the driver's is above): each cell is skipped with the time it would need."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu
+
+    settings = gpu.Settings.from_env({"REHEARSE": "1", "OUT": str(tmp_path)})
+    planned = next(s for s in gpu.plan(settings) if s.name == stage)
+    spec = {
+        "stage": stage,
+        "kind": planned.kind,
+        "impl": planned.impl,
+        "cells": planned.cells,
+        "settings": settings.worker_settings(),
+        "priors": {"cell_setup_s": 0.5, "compile_s": 8.0, "step_s_per_image": 1e-5, "model_compile_s": 0.0},
+        "deadline_unix": time.time() - 1,  # just past
+        "reserve_s": 0.0,
+        "lines_path": str(tmp_path / "lines.jsonl"),
+        "out_dir": str(tmp_path),
+        "trace_dir": str(tmp_path / "trace"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = _env(tmp_path, GPU_HOST_LACKS)
+    worker = [sys.executable, os.path.join(REPO, "bench", "gpu_worker.py"), str(tmp_path / "spec.json")]
+    subprocess.run(worker, env=env, check=True, capture_output=True, timeout=300)
+    lines = [json.loads(line) for line in (tmp_path / "lines.jsonl").read_text().splitlines()]
+    assert [line["cell"] for line in lines] == [cell["cell"] for cell in planned.cells]
+    for line in lines:
+        needs = re.fullmatch(r"budget: -\d+ s left, the cell needs ~(\d+)", line["status_note"])
+        assert line["status"] == "skipped" and needs and int(needs[1]) >= 8, line["status_note"]  # the 8 s prior
 
 
 def test_the_summary_counts_device_op_lanes_once_and_falls_back_to_cpu_thunks():
@@ -249,9 +296,60 @@ def test_the_benchs_pytorch_paper_network_is_the_papers(tmp_path):
         for layer, name in zip(layers, ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]):
             kernel = np.asarray(params[name]["kernel"])
             weight = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
-            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+            layer.weight.copy_(torch.from_numpy(np.array(weight)))
+            layer.bias.copy_(torch.from_numpy(np.array(params[name]["bias"])))
         expected = network(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).numpy()
     spread = expected.std(axis=0).mean()
     assert spread > 0
     np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4 * spread)
+
+
+def test_mfu_and_the_ratio_to_pytorch_from_the_lines_of_a_gpu_run():
+    """enrich() on lines as an H200 run would write them: MFU by the chip's peak, PyTorch's best as 1.0."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu
+
+    settings = gpu.Settings.from_env({"OUT": "unused"})
+    assert gpu.dense_bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert gpu.dense_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.dense_bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu.dense_bf16_peak_tflops("Some Future Chip") is None
+
+    def line(framework, impl, img_per_s, device_kind="NVIDIA H200", dtype="bfloat16", status="ok"):
+        return {
+            "cell": f"{framework}/{impl}/{img_per_s}",
+            "framework": framework,
+            "impl": impl,
+            "model": "torchvision",
+            "dtype": dtype,
+            "per_device_batch": 256,
+            "grid_per_device_batch": 256,
+            "input": "host_crop",
+            "status": status,
+            "devices": 1,
+            "device_kind": device_kind,
+            "img_per_s": img_per_s if status == "ok" else None,
+            "img_per_s_per_device": img_per_s if status == "ok" else None,
+        }
+
+    lines = gpu.enrich(
+        [
+            line("jax", "pmap", 30_000.0),
+            line("torch", "eager", 20_000.0),
+            line("torch", "compile", 25_000.0),
+            line("jax", "pmap", 1_000.0, device_kind="Some Future Chip"),
+            line("jax", "pmap", None, dtype="float32", status="skipped"),
+        ],
+        settings,
+    )
+    jax_line, eager, compiled, unknown, skipped = lines
+    flops = jax_line["train_gflop_per_image"] * 1e9
+    assert abs(jax_line["tflop_per_s"] - 30_000 * flops / 1e12) < 1e-3
+    assert abs(jax_line["mfu"] - jax_line["tflop_per_s"] / 989.0) < 1e-4
+    assert jax_line["ratio_vs_torch"] == 1.2 and jax_line["torch_best_impl"] == "compile"
+    assert (eager["ratio_vs_torch"], compiled["ratio_vs_torch"]) == (0.8, 1.0)
+    assert unknown["mfu"] is None and "no dense bf16 peak known" in unknown["mfu_note"]
+    assert skipped["ratio_vs_torch"] is None and skipped["tflop_per_s"] is None and skipped["mfu"] is None
+    assert "no PyTorch line ran" not in skipped["ratio_vs_torch_note"]  # it did not run itself
+    for enriched in lines:
+        assert all(field in enriched for field in FIELDS)
