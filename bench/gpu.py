@@ -552,11 +552,16 @@ def _framework_environment(lines: list[dict]) -> dict:
     return found
 
 
+def _comparable(line: dict) -> tuple:
+    """What a JAX line is compared with PyTorch at: the variant, the dtype, and the batch (grid cell and run)."""
+    return line["model"], line["dtype"], line["grid_per_device_batch"], line["per_device_batch"]
+
+
 def _torch_best(lines: list[dict]) -> dict:
     best = {}
     for line in lines:
         if line["framework"] == "torch" and line["status"] == "ok":
-            key = (line["model"], line["dtype"], line["per_device_batch"])
+            key = _comparable(line)
             if key not in best or line["img_per_s_per_device"] > best[key]["img_per_s_per_device"]:
                 best[key] = line
     return best
@@ -619,7 +624,7 @@ def _rates(line: dict, flops: float) -> None:
 
 
 def _ratio(line: dict, torch_best: dict, lines: list[dict]) -> None:
-    best = torch_best.get((line["model"], line["dtype"], line["per_device_batch"]))
+    best = torch_best.get(_comparable(line))
     if line["status"] != "ok" or best is None:
         line["ratio_vs_torch"] = None
         line["ratio_vs_torch_note"] = "the cell did not run" if line["status"] != "ok" else _torch_missing_note(lines)
