@@ -1,42 +1,32 @@
 #!/usr/bin/env bash
-# The accelerator benchmark: the project's pmap'ed train step in bfloat16 compute
-# (float32 parameters) at per-device batch 256 and 512, side by side with
-# PyTorch (channels_last, bf16 autocast, torch.compile) in the same process.
+# The accelerator benchmark in one command: the grid (both variants x float32/bfloat16 x
+# per-device batch 128/256/512 x host-cropped/device-cropped input, PyTorch eager and
+# torch.compile beside it, each framework in processes of its own), the GPU levers, and a
+# jax.profiler trace of the best configuration with a text summary. bench/gpu.py says how.
 #
-#     bash bench/gpu.sh                 # JSON lines to stdout
-#     OUT=/some/dir bash bench/gpu.sh   # and to $OUT/train_step.jsonl
+#     OUT=results bash bench/gpu.sh                 # on a GPU host; ends within BUDGET_S (460 s)
+#     REHEARSE=1 OUT=/tmp/rehearsal bash bench/gpu.sh   # the same run on the CPU at tiny sizes
 #
-# Needs jax[cuda], flax, optax (and torch with CUDA for the comparison). It needs
-# neither TensorFlow nor ml_collections: bench/train_step.py imports neither.
-# MODEL (torchvision), IMAGE_SIZE (224), STEPS (20), ROUNDS (3) and
-# BACKWARD_IMPL (lax,fast: XLA's autodiff first, the hand-written CPU backward
-# second, timed in the same run) and DEVICE_AUGMENT (256: the step also timed on
-# packed 256x256 images that it crops, flips and colours itself) can be overridden
-# from the environment.
+# Needs jax (with CUDA), flax, optax, and torch for the comparison (without torch its lines say
+# so); neither TensorFlow nor ml_collections. Writes at most 8 files, all directly under $OUT,
+# and prints the JSON lines (also in $OUT/gpu.jsonl). Environment knobs: bench/gpu.py's docstring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-MODEL=${MODEL:-torchvision}
-IMAGE_SIZE=${IMAGE_SIZE:-224}
-STEPS=${STEPS:-20}
-ROUNDS=${ROUNDS:-3}
-BACKWARD_IMPL=${BACKWARD_IMPL:-lax,fast}
-DEVICE_AUGMENT=${DEVICE_AUGMENT:-256}  # also time the step cropping packed 256x256 images itself; 0 = off
-DEVICES=$("$PYTHON" -c "import jax; print(jax.local_device_count())")
-COMPARE=()
-if "$PYTHON" -c "import torch" 2>/dev/null; then
-  COMPARE=(--compare_torch --torch_channels_last --torch_compile)
+if [[ -z "${OUT:-}" ]]; then
+  echo "set OUT=DIR: where the JSON lines, the log, the summaries and the trace go" >&2
+  exit 2
 fi
-if [[ -n "${OUT:-}" ]]; then
-  mkdir -p "$OUT"
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+export PYTHON OUT
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# One persistent compilation cache for the run's processes: the levers' baseline and the profile
+# reload a step an earlier process compiled, and XLA's autotuning results are kept there too.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/alexnet_jax_gpu_bench_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}
+if [[ "${REHEARSE:-0}" != "0" ]]; then
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-}  # PyTorch on the CPU as well
 fi
-for PER_DEVICE in 256 512; do
-  LINE=$("$PYTHON" bench/train_step.py --model="$MODEL" --image_size="$IMAGE_SIZE" \
-    --batch_size=$((PER_DEVICE * DEVICES)) --dtype=bfloat16 --steps="$STEPS" --rounds="$ROUNDS" \
-    --backward_impl="$BACKWARD_IMPL" --device_augment="$DEVICE_AUGMENT" "${COMPARE[@]}" \
-    --label="gpu.sh per_device=$PER_DEVICE" | tail -n 1)
-  echo "$LINE"
-  if [[ -n "${OUT:-}" ]]; then
-    echo "$LINE" >>"$OUT/train_step.jsonl"
-  fi
-done
+mkdir -p "$OUT"
+exec "$PYTHON" bench/gpu.py

@@ -67,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--input_scale", default="auto", help="auto, raw or standardized (config.input_scale); auto = the variant's"
     )
+    parser.add_argument("--group_conv", choices=("grouped", "split"), default="grouped", help="config.group_conv")
+    parser.add_argument(
+        "--lrn_precision", choices=("highest", "high", "default"), default="highest", help="config.lrn_precision"
+    )
+    parser.add_argument(
+        "--prng_impl", choices=("threefry", "rbg", "unsafe_rbg"), default="threefry", help="config.prng_impl"
+    )
     parser.add_argument("--input", choices=("synthetic", "demo"), default="synthetic")
     parser.add_argument(
         "--device_augment",
@@ -104,6 +111,9 @@ def bench_config(args: argparse.Namespace) -> types.SimpleNamespace:
         dtype=args.dtype,
         input_scale=args.input_scale,
         backward_impl=args.backward_impl.split(",")[0],
+        group_conv=args.group_conv,
+        lrn_precision=args.lrn_precision,
+        prng_impl=args.prng_impl,
         optimizer="sgd",
         batch_size=args.batch_size,
         learning_rate=0.01,
@@ -156,7 +166,8 @@ class JaxBench:
         model = steps.create_model(config, args.num_classes)
         schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
         tx = optim.make_optimizer(config, schedule)
-        init_rng, self.dropout_rng = jax.random.split(jax.random.key(0))
+        init_rng = jax.random.split(jax.random.key(0))[0]
+        self.dropout_rng = steps.dropout_root_key(0, config.prng_impl)
         self.state = steps.init_state(model, tx, init_rng, args.image_size)
         augment = steps.DeviceAugment(seed=0, image_size=args.image_size) if packed_side else None
         self.p_train, _ = steps.make_steps(model, tx, schedule, augment=augment)
@@ -411,6 +422,9 @@ def main(argv=None) -> dict:
         "backward_impl": args.backward_impl,
         "backward_impl_resolved": steps.resolve_backward_impl(impls[0]),
         "input_scale": jax_bench.input_scale,
+        "group_conv": args.group_conv,
+        "lrn_precision": args.lrn_precision,
+        "prng_impl": args.prng_impl,
         "label": args.label,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }

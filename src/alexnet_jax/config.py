@@ -45,6 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA:CPU), "lax" (XLA's autodiff) or "auto" (fast on the CPU backend, lax elsewhere).
     config.backward_impl = "auto"
     config.dtype = "float32"  # compute dtype; parameters stay float32
+    # GPU speed levers (bench/gpu.sh times each setting). How the paper variant's two-tower
+    # convolutions run: "grouped" (one feature_group_count=2 convolution) or "split" (two
+    # convolutions over the channel halves); same parameters and checkpoints either way.
+    config.group_conv = "grouped"
+    # The LRN band matmul's precision: "highest", "high" or "default" (model.LRN_PRECISION_RTOL).
+    config.lrn_precision = "highest"
+    # The dropout keys' implementation: "threefry" (JAX's default), "rbg" or "unsafe_rbg";
+    # each resumes exactly, but they draw different masks.
+    config.prng_impl = "threefry"
     config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
     # Optimisation.
     config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
@@ -82,6 +91,9 @@ def _choices() -> dict[str, tuple]:
         "dtype": tuple(steps.DTYPES),
         "input_scale": steps.INPUT_SCALE_CHOICES,
         "backward_impl": steps.BACKWARD_IMPL_CHOICES,
+        "group_conv": model_lib.GROUP_CONVS,
+        "lrn_precision": model_lib.LRN_PRECISIONS,
+        "prng_impl": tuple(steps.PRNG_IMPLS),
         "schedule": optim.SCHEDULES,
         "optimizer": optim.OPTIMIZERS,
         "parallelism": steps.PARALLELISMS,

@@ -6,6 +6,7 @@ so the benchmark and the train step run on machines without TensorFlow.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,23 @@ INITS = ("paper", "modern")
 # faster on XLA:CPU; "lax": JAX's autodiff of the lax ops. The math is the same
 # either way. The caller picks (steps.create_model resolves config "auto" by backend).
 BACKWARD_IMPLS = ("fast", "lax")
+# How the paper variant's grouped convolutions (conv2, conv4, conv5) run, a GPU speed
+# lever (XLA's grouped-convolution backward pass is reported as slow as an ungrouped
+# one, jax-ml/jax#13800): "grouped" is one convolution with feature_group_count=2,
+# "split" two ungrouped convolutions over the channel halves, concatenated
+# (split_grouped_conv). Same parameters (names, shapes, layout), same outputs.
+GROUP_CONVS = ("grouped", "split")
+# The precision of the LRN's band matmul (lax.Precision). On CPU all three compute in
+# float32; on GPUs "high" and "default" may round its float32 inputs to TF32 (10
+# mantissa bits), on TPUs "default" to bfloat16. LRN_PRECISION_RTOL bounds the
+# relative error each gives on the LRN's output (tests/test_levers.py).
+LRN_PRECISIONS = ("highest", "high", "default")
+_LAX_PRECISION = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": jax.lax.Precision.DEFAULT,
+}
+LRN_PRECISION_RTOL = {"highest": 1e-5, "high": 4e-4, "default": 3e-3}
 
 # Layer widths: conv1..conv5 then the two hidden fully connected layers.
 _WIDTHS = {
@@ -69,21 +87,58 @@ def _final_map_size(image_size: int) -> int:
 
 
 def local_response_norm(
-    x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: float = 1e-4, beta: float = 0.75
+    x: jax.Array,
+    *,
+    k: float = 2.0,
+    n: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    precision: str = "highest",
 ) -> jax.Array:
     """The paper's LRN across channels: b_i = a_i / (k + alpha * sum_j a_j^2) ** beta.
 
     The sum runs over the n channels centred on i (clipped at the edges). Note the
     paper's alpha is not divided by n (Caffe and PyTorch divide it). The windowed
     sum is a single matmul with a banded 0/1 matrix, which XLA fuses well on every
-    backend and which differentiates cheaply. Computed in float32 for stability.
+    backend and which differentiates cheaply. Computed in float32 for stability;
+    precision: one of LRN_PRECISIONS, the band matmul's.
     """
     channels = x.shape[-1]
     idx = np.arange(channels)
     band = (np.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(np.float32)  # [C, C]
     x32 = x.astype(jnp.float32)
-    window_sum = jnp.einsum("...c,cd->...d", x32 * x32, band, precision=jax.lax.Precision.HIGHEST)
+    window_sum = jnp.einsum("...c,cd->...d", x32 * x32, band, precision=_LAX_PRECISION[precision])
     return (x32 * (k + alpha * window_sum) ** -beta).astype(x.dtype)
+
+
+def split_grouped_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, conv=jax.lax.conv_general_dilated, **kwargs: Any):
+    """A grouped convolution as one ungrouped `conv` per group, concatenated: the paper's towers.
+
+    A drop-in for lax.conv_general_dilated (flax's nn.Conv takes one), with the same
+    arguments and the same grouped kernel [kh, kw, C / G, O] (for NHWC/HWIO; other
+    layouts by their dimension numbers): group g convolves input channels
+    g*C/G..(g+1)*C/G with kernel[..., g*O/G:(g+1)*O/G] and gives output channels
+    g*O/G..(g+1)*O/G, exactly what feature_group_count=G computes. Parameters (and so
+    checkpoints) do not change; XLA sees G plain convolutions instead of one grouped one,
+    whose backward pass it is reported to run as slowly as an ungrouped convolution's.
+    One tower is split_grouped_conv's body for one g: a per-device tower needs no more.
+    """
+    groups = kwargs.pop("feature_group_count", 1)
+    if groups == 1:
+        return conv(lhs, rhs, *args, **kwargs)
+    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    lhs_channels, rhs_out, out_channels = numbers.lhs_spec[1], numbers.rhs_spec[0], numbers.out_spec[1]
+    in_per_group, out_per_group = lhs.shape[lhs_channels] // groups, rhs.shape[rhs_out] // groups
+    towers = [
+        conv(
+            jax.lax.slice_in_dim(lhs, g * in_per_group, (g + 1) * in_per_group, axis=lhs_channels),
+            jax.lax.slice_in_dim(rhs, g * out_per_group, (g + 1) * out_per_group, axis=rhs_out),
+            *args,
+            **kwargs,
+        )
+        for g in range(groups)
+    ]
+    return jnp.concatenate(towers, axis=out_channels)
 
 
 def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:
@@ -160,6 +215,9 @@ class AlexNet(nn.Module):
       the paper's centred 0-255 values, "standardized" torchvision's mean/std scaling.
     backward_impl: one of BACKWARD_IMPLS, chosen by the caller; the same math and
       parameters either way, only the speed differs.
+    group_conv: one of GROUP_CONVS, how the paper's two-tower convolutions run; the same
+      math and parameters either way.
+    lrn_precision: one of LRN_PRECISIONS, the LRN band matmul's precision.
     """
 
     variant: str = "paper"
@@ -169,6 +227,8 @@ class AlexNet(nn.Module):
     init_scheme: str = "paper"
     input_scale: str = "standardized"
     backward_impl: str = "lax"
+    group_conv: str = "grouped"
+    lrn_precision: str = "highest"
 
     def _check(self, images: jax.Array) -> None:
         for name, value, allowed in (
@@ -176,6 +236,8 @@ class AlexNet(nn.Module):
             ("init_scheme", self.init_scheme, INITS),
             ("backward_impl", self.backward_impl, BACKWARD_IMPLS),
             ("input_scale", self.input_scale, preprocess.INPUT_SCALES),
+            ("group_conv", self.group_conv, GROUP_CONVS),
+            ("lrn_precision", self.lrn_precision, LRN_PRECISIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -208,6 +270,10 @@ class AlexNet(nn.Module):
         """conv1..pool5 and the adaptive pooling: [N, S, S, 3] -> [N, 6, 6, C5]."""
         widths, groups = _WIDTHS[self.variant], _GROUPS[self.variant]
         fast = self.backward_impl == "fast"
+        conv_op = fast_ops.conv_general_dilated if fast else jax.lax.conv_general_dilated
+        if self.group_conv == "split":
+            conv_op = functools.partial(split_grouped_conv, conv=conv_op)
+        norm = functools.partial(local_response_norm, precision=self.lrn_precision)
 
         def conv(x, index, kernel, stride, padding):
             name = f"conv{index + 1}"
@@ -217,7 +283,7 @@ class AlexNet(nn.Module):
                 strides=(stride, stride),
                 padding=((padding, padding), (padding, padding)),
                 feature_group_count=groups[index],
-                conv_general_dilated=fast_ops.conv_general_dilated if fast else None,
+                conv_general_dilated=conv_op,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=name,
@@ -232,11 +298,11 @@ class AlexNet(nn.Module):
 
         x = nn.relu(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
-            x = local_response_norm(x)
+            x = norm(x)
         x = pool(x)  # [N, 27, 27, C1]
         x = nn.relu(conv(x, 1, 5, 1, 2))
         if lrn:
-            x = local_response_norm(x)
+            x = norm(x)
         x = pool(x)  # [N, 13, 13, C2]
         x = nn.relu(conv(x, 2, 3, 1, 1))
         x = nn.relu(conv(x, 3, 3, 1, 1))

@@ -32,6 +32,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 BACKWARD_IMPL_CHOICES = ("auto", *model_lib.BACKWARD_IMPLS)
 INPUT_SCALE_CHOICES = ("auto", *preprocess.INPUT_SCALES)
 PARALLELISMS = ("pmap", "shard_map")
+# config.prng_impl: the key implementation of the dropout random bits (JAX's names in
+# the values). "threefry" is JAX's default and what runs before the option used;
+# "rbg" and "unsafe_rbg" draw bits with XLA's RngBitGenerator, faster on accelerators.
+# Each is a pure function of (seed, step, device), so exact resume holds for each, but
+# the masks differ between them: a run keeps the one it started with.
+PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
 @flax.struct.dataclass
@@ -67,6 +73,8 @@ def create_model(config: Any, num_classes: int, *, input_scale: str | None = Non
         init_scheme=config.init,
         input_scale=input_scale or resolve_input_scale(config.input_scale, config.model),
         backward_impl=resolve_backward_impl(config.backward_impl),
+        group_conv=config.group_conv,
+        lrn_precision=config.lrn_precision,
     )
 
 
@@ -85,6 +93,18 @@ def init_state(
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy over the batch."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def dropout_root_key(seed: int, prng_impl: str = "threefry") -> jax.Array:
+    """The run's dropout key, from the seed alone, of implementation PRNG_IMPLS[prng_impl].
+
+    The second half of split(key(seed)), as it always was (the first initialises the
+    parameters, with JAX's default implementation whatever prng_impl says); the step
+    folds (step, device) into it (dropout_key). Explicit, so no global JAX setting is touched.
+    """
+    if prng_impl not in PRNG_IMPLS:
+        raise ValueError(f"unknown prng_impl {prng_impl!r}; expected one of {tuple(PRNG_IMPLS)}")
+    return jax.random.split(jax.random.key(seed, impl=PRNG_IMPLS[prng_impl]))[1]
 
 
 def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:

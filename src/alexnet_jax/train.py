@@ -70,6 +70,7 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "download",
         "init_from",
         "backward_impl",
+        "group_conv",  # the same convolution, run as one grouped or two plain ones
         "parallelism",
     }
 )
@@ -537,7 +538,7 @@ def run_loop(
     restored_step: int | None,
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
-    dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
+    dropout_rng = steps.dropout_root_key(config.seed, config.prng_impl)
     start_step = int(jax.device_get(state.step))
     progress = metrics_lib.Progress(plan.total_steps, plan.global_batch, data_wait_shown=DATA_WAIT_SHOWN)
     watch = DataWaitWatch()
