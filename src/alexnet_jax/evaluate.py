@@ -111,7 +111,7 @@ def evaluate(
 
     crops: -1 = the first run's own config.eval_crops (10 for the paper's recipe).
     """
-    from alexnet_jax.data import pipeline, sources
+    from alexnet_jax.data import pipeline, registry
 
     if not workdirs:
         raise UserError("pass at least one --workdir=DIR")
@@ -125,7 +125,7 @@ def evaluate(
     config.update(data_dir=runs[0].run_info.get("data_dir", "") if data_dir is None else data_dir)
     split = split or runs[0].run_info.get("eval_split") or "validation"
     config.update(eval_split=split, skip_bad_images=skip_bad_images, download=False)
-    source = sources.open_source_from_config(config)
+    source = registry.open_source_from_config(config)
     if source.num_classes > runs[0].num_classes:
         raise UserError(
             f"{source.name} has {source.num_classes} classes but the model only {runs[0].num_classes}; "
@@ -137,7 +137,7 @@ def evaluate(
         raise UserError(f"--batch_size={batch_size} is not divisible by the {local_devices} devices; use a multiple")
     aug = pipeline.Augmentation(eval_crops=crops, **runs[0].sizes)  # as the run was trained
     batches = parallel.prefetch_to_device(
-        pipeline.device_batches(source.eval.eval_batches(aug, per_process_batch=batch_size), local_devices)
+        pipeline.device_batches(registry.eval_batches(source.eval, aug, per_process_batch=batch_size), local_devices)
     )
     results, probs = evaluate_runs(runs, batches, keep_probabilities=keep_probabilities)
     record: dict[str, Any] = dict(results)

@@ -290,7 +290,7 @@ class Inputs:
 
 def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source, start_step: int) -> Inputs:
     """Host batches -> [local_devices, per_device, ...] on the devices, prefetched."""
-    from alexnet_jax.data import pipeline
+    from alexnet_jax.data import pipeline, registry
 
     aug = pipeline.Augmentation(
         image_size=config.image_size,
@@ -301,15 +301,21 @@ def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source
         resize_method=config.resize_method,
     )
     shard = dict(process_index=plan.process_index, process_count=plan.process_count)
-    train_batches = source.train.train_batches(
-        aug, per_process_batch=plan.global_batch // plan.process_count, seed=config.seed, start_step=start_step, **shard
+    train_batches = registry.train_batches(
+        source.train,
+        aug,
+        per_process_batch=plan.global_batch // plan.process_count,
+        seed=config.seed,
+        start_step=start_step,
+        **shard,
     )
     train = parallel.prefetch_to_device(
         pipeline.device_batches(train_batches, plan.local_devices), config.prefetch_to_device
     )
 
     def eval_batches():
-        batches = source.eval.eval_batches(aug, per_process_batch=plan.eval_batch // plan.process_count, **shard)
+        per_process_batch = plan.eval_batch // plan.process_count
+        batches = registry.eval_batches(source.eval, aug, per_process_batch=per_process_batch, **shard)
         return parallel.prefetch_to_device(pipeline.device_batches(batches, plan.local_devices))
 
     augment = None
@@ -443,9 +449,9 @@ def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import registry
 
-    source = sources.open_source_from_config(config)
+    source = registry.open_source_from_config(config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
     pretrained = trained.load(config.init_from) if config.init_from and resume.step is None else None
