@@ -17,44 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from alexnet_jax import cli, parallel, runinfo, steps, trained
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import cli, parallel, runinfo, trained
 from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
+from alexnet_jax.evaluation import evaluate_runs
 
 DEFAULT_PER_DEVICE_BATCH = 16
 # Models of an ensemble must agree on these to average their softmax per example.
 ENSEMBLE_KEYS = ("num_classes", "image_size", "resize_size", "resize_method", "class_names")
-
-
-def evaluate_batches(
-    p_eval, params: Sequence[Any], batches: Iterable[dict[str, jax.Array]], *, keep_probabilities: bool = False
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Exact metrics over device batches {'images', 'labels', 'mask'}: the one evaluation code path.
-
-    p_eval: steps.make_eval_step of one model (training) or several (an ensemble), which
-    averages the softmax over crops and models and sums the masked metrics. With
-    keep_probabilities, also the probabilities [num_examples, classes] of the real
-    examples, in the order read.
-    """
-    totals, kept = None, []
-    params = tuple(params)
-    for batch in batches:
-        sums, probs = p_eval(params, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        if keep_probabilities:
-            host_probs, mask = jax.device_get((probs, batch["mask"]))
-            kept.append(host_probs.reshape((-1, host_probs.shape[-1]))[mask.reshape(-1) == 1])
-    results = metrics_lib.eval_results(totals)
-    return results, (np.concatenate(kept) if keep_probabilities else None)
 
 
 def load_run(workdir: str) -> trained.TrainedModel:
@@ -83,17 +58,6 @@ def check_ensemble(runs: list[trained.TrainedModel]) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) < 60 else text[:57] + "..."
-
-
-def evaluate_runs(
-    runs: list[trained.TrainedModel], batches, *, keep_probabilities: bool = False
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """The runs' (averaged) softmax scored over device batches."""
-    # Replicated once on every local device: an unplaced tree would be copied to each device every batch.
-    replicated = NamedSharding(parallel.local_mesh(), PartitionSpec())
-    params = [jax.device_put(run.params, replicated) for run in runs]
-    p_eval = steps.make_eval_step([run.module(steps.resolve_backward_impl("auto")) for run in runs])
-    return evaluate_batches(p_eval, params, batches, keep_probabilities=keep_probabilities)
 
 
 def evaluate(

@@ -37,7 +37,7 @@ from alexnet_jax import (
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.errors import UserError
-from alexnet_jax.evaluate import evaluate_batches
+from alexnet_jax.evaluation import evaluate_batches
 from alexnet_jax.steps import TrainState
 
 if TYPE_CHECKING:
