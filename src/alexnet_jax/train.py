@@ -470,7 +470,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     if plan.is_primary:
         _record_run(workdir, config, plan, source)
     inputs = make_inputs(config, plan, source, start_step)
-    p_train, p_eval = steps.make_steps(model, tx, schedule, config.parallelism, augment=inputs.augment)
+    p_train, p_eval = steps.make_steps(
+        model, tx, schedule, config.parallelism, augment=inputs.augment, grad_accum_steps=config.grad_accum_steps
+    )
     writer = metrics_lib.MetricWriter(workdir, enabled=plan.is_primary)
     evaluator = Evaluator(p_eval, inputs, writer, workdir=workdir, variant=config.model)
     log.info(
