@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from alexnet_jax import model as model_lib
-from alexnet_jax import optim, steps
+from alexnet_jax import optim, profiling, steps
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     # batch_size / N each, run in turn inside the step: the same update, a fraction of the
     # activation memory. Learning rate, schedule and every interval count updates.
     config.grad_accum_steps = 1
+    # Profiling (issue 22): "FIRST-LAST" (e.g. "10-15") traces those updates with jax.profiler
+    # into WORKDIR/plugins/profile/ (TensorBoard's Profile tab), on process 0; "" = off.
+    config.profile_steps = ""
     return config
 
 
@@ -109,6 +112,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         raise UserError(
             "config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs"
         )
+    profiling.parse_steps(config.profile_steps)  # a UserError naming the format
     _validate_sizes(config)
     _validate_counts(config, device_count)
     if not 0.0 <= config.dropout_rate < 1.0:

@@ -29,6 +29,7 @@ from alexnet_jax import (
     plot,
     preemption,
     preprocess,
+    profiling,
     runinfo,
     steps,
     trained,
@@ -70,6 +71,7 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "init_from",
         "backward_impl",
         "parallelism",
+        "profile_steps",
     }
 )
 
@@ -482,6 +484,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     )
     try:
         loop = dict(inputs=inputs, evaluator=evaluator, checkpointer=checkpointer, writer=writer)
+        loop.update(profiler=profiling.StepProfiler(config.profile_steps, workdir, enabled=plan.is_primary))
         state = run_loop(state, config, plan, p_train=p_train, restored_step=resume.step, **loop)
     finally:
         checkpointer.close()
@@ -537,6 +540,7 @@ def run_loop(
     checkpointer: checkpoint_lib.Checkpointer,
     writer: metrics_lib.MetricWriter,
     restored_step: int | None,
+    profiler: profiling.StepProfiler,
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
@@ -548,7 +552,9 @@ def run_loop(
     stop_request = preemption.StopRequest().install()
     try:
         for step in range(start_step + 1, plan.total_steps + 1):
+            profiler.before_step(step)
             state, step_metrics = p_train(state, meter.next_batch(inputs.train), dropout_rng)
+            profiler.after_step(step, state)
             pending.append((step, step_metrics))
             if step == start_step + 1:  # leave compilation out of the first interval's speed
                 jax.block_until_ready(state.step)
@@ -574,6 +580,7 @@ def run_loop(
             if due.eval or due.checkpoint:
                 meter.restart()
     finally:
+        profiler.stop()  # a run that ends or stops inside the window still writes its trace
         stop_request.restore()
     return state
 
