@@ -171,10 +171,14 @@ def test_a_run_counts_updates_and_resumes_bitwise_exactly(image_folder, tmp_path
     settings = ["--config.grad_accum_steps=2", "--config.checkpoint_every_steps=2", "--config.schedule=step"]
     settings += ["--config.warmup_epochs=1.0"]
     straight = _start(tmp_path / "straight", image_folder, *settings, "--config.num_train_steps=4")
+    # The same first update without accumulation: the demo's dropout draws other masks, so another loss.
+    unaccumulated = ["--config.grad_accum_steps=1", "--config.num_train_steps=1"]
+    single = _start(tmp_path / "single", image_folder, *settings, *unaccumulated)
     first = _run(tmp_path / "resumed", image_folder, *settings, "--config.num_train_steps=2")
     assert first.returncode == 0, first.stderr[-2000:]
-    output = _finish(straight)
+    output, single_output = _finish(straight), _finish(single)
     assert straight.returncode == 0, output[-2000:]
+    assert single.returncode == 0, single_output[-2000:]
     second = _run(tmp_path / "resumed", image_folder, *settings, "--config.num_train_steps=4")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "at step 2" in second.stdout and "exact resume no longer holds" not in second.stdout + second.stderr
@@ -188,6 +192,9 @@ def test_a_run_counts_updates_and_resumes_bitwise_exactly(image_folder, tmp_path
     }
     assert records["straight"] == records["resumed"]
     assert [record[0] for record in records["straight"]] == [1, 2, 3, 4]
+    [single_record] = _train_records(tmp_path / "single")
+    assert single_record["train/loss"] != records["straight"][0][1]  # the run did accumulate
+    np.testing.assert_allclose(single_record["train/loss"], records["straight"][0][1], rtol=0.2)
     config = runpy.run_path(f"{REPO}/configs/demo.py")["get_config"]()
     config.update(schedule="step", warmup_epochs=1.0, batch_size=8)
     schedule = optim.make_schedule(config, steps_per_epoch=2, total_steps=4)
