@@ -246,7 +246,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from alexnet_jax.data import packed, sources
+    from alexnet_jax.data import packed, registry, sources
 
     packs = {}
     for directory in args.packed_dir:
@@ -257,7 +257,7 @@ def main() -> None:
         parser.error("--packed_only needs --packed_dir")
     if not args.packed_only and not args.data_dir:
         parser.error("--data_dir is required (or --packed_only with --packed_dir)")
-    split = None if args.packed_only else sources.open_source(args.dataset, data_dir=args.data_dir).train
+    split = None if args.packed_only else registry.open_source(args.dataset, data_dir=args.data_dir).train
     figures: dict[str, object] = {
         "dataset": args.dataset,
         "data_dir": args.data_dir,

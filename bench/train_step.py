@@ -346,9 +346,9 @@ def torch_alexnet(nn, variant: str, num_classes: int):
 def demo_batches(args, devices: int):
     """Real input, as train.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
     from alexnet_jax import parallel
-    from alexnet_jax.data import pipeline, sources
+    from alexnet_jax.data import pipeline, registry
 
-    source = sources.open_source("demo_digits")
+    source = registry.open_source("demo_digits")
     aug = pipeline.Augmentation(
         image_size=args.image_size,
         resize_size=int(round(args.image_size * 256 / 224)),

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from alexnet_jax.data import pipeline, sources
+from alexnet_jax.data import pipeline, registry, sources
 from alexnet_jax.errors import UserError
 
 AUG = pipeline.Augmentation(image_size=32, resize_size=37)
@@ -83,11 +83,11 @@ def test_bad_file_stops_with_its_name_or_is_skipped(folder, caplog, name, conten
     bad = folder / "train" / "a" / name
     bad.write_bytes(content)
     with pytest.raises(UserError, match="skip_bad_images=True") as error:
-        sources.open_source("image_folder", data_dir=str(folder))
+        registry.open_source("image_folder", data_dir=str(folder))
     assert str(bad) in str(error.value) and reason in str(error.value)
 
     with caplog.at_level(logging.WARNING, logger="alexnet_jax.data"):
-        source = sources.open_source("image_folder", data_dir=str(folder), skip_bad_images=True)
+        source = registry.open_source("image_folder", data_dir=str(folder), skip_bad_images=True)
     assert source.train.num_examples == 6 and str(bad) not in source.train.paths
     assert str(bad) in caplog.text and "skipped 1 bad image" in caplog.text
     assert _all_train_labels(source.train)["images"].shape == (6, 32, 32, 3)

@@ -15,7 +15,7 @@ import pytest
 from conftest import child_env, launch_command
 
 from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax import convert, evaluate, neighbors, plot, predict
+from alexnet_jax import checkpoint_manifest, convert, evaluate, neighbors, plot, predict
 from alexnet_jax.data import pack, resize
 
 # Root passes permission bits by its capabilities; without them it meets them as any user does.
@@ -142,7 +142,7 @@ def _saved_run(tmp_path, steps=(1, 2)) -> str:
 
 
 def _manifest(workdir, step) -> str:
-    return os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR, str(step), checkpoint_lib.MANIFEST_NAME)
+    return os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR, str(step), checkpoint_manifest.MANIFEST_NAME)
 
 
 def test_tools_read_the_newest_checkpoint_whose_manifest_holds_and_refuse_when_none_does(tmp_path, capsys):

@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax.checkpoint import MANIFEST_NAME, Checkpointer, StorageError
+from alexnet_jax import checkpoint_manifest
+from alexnet_jax.checkpoint import Checkpointer
+from alexnet_jax.checkpoint_manifest import MANIFEST_NAME
+from alexnet_jax.checkpoint_storage import StorageError
 from alexnet_jax.errors import UserError
 
 META = {"model": "paper", "num_classes": 3, "optimizer": "sgd"}
@@ -94,7 +96,7 @@ def test_every_finished_save_carries_a_manifest_of_its_files(tmp_path):
     for name, entry in record["files"].items():
         data = (step_dir / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert checkpoint_lib.verify_step(str(step_dir)) == checkpoint_lib.Verdict(manifest=True)
+    assert checkpoint_manifest.verify_step(str(step_dir)) == checkpoint_manifest.Verdict(manifest=True)
 
 
 def test_only_the_primary_process_writes_manifests(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import checkpoint, evaluate, runinfo, steps
+from alexnet_jax import checkpoint, evaluate, evaluation, runinfo, steps
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.config import base_config
 
@@ -54,8 +54,8 @@ def test_single_models_and_their_ensemble(two_runs, image_folder):
     batches = list(
         parallel.prefetch_to_device(pipeline.device_batches(pipeline.eval_dataset(split, aug, per_process_batch=8), 8))
     )
-    single = [evaluate.evaluate_runs([run], batches, keep_probabilities=True) for run in runs]
-    both, both_probs = evaluate.evaluate_runs(runs, batches, keep_probabilities=True)
+    single = [evaluation.evaluate_runs([run], batches, keep_probabilities=True) for run in runs]
+    both, both_probs = evaluation.evaluate_runs(runs, batches, keep_probabilities=True)
     for record, probs in [*single, (both, both_probs)]:
         assert record["eval/num_examples"] == 7  # the split's size: padding never counts
         assert probs.shape == (7, 3)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import evaluate, parallel, steps, train, trained
+from alexnet_jax import evaluation, parallel, steps, train, trained
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.model import AlexNet
 
@@ -115,11 +115,11 @@ def test_evaluate_cli_path_averages_ten_crops_and_masks_padding(model_and_params
         step=0,
         run_info={},
     )
-    results, probs = evaluate.evaluate_runs([run], _device_batches(batch), keep_probabilities=True)
+    results, probs = evaluation.evaluate_runs([run], _device_batches(batch), keep_probabilities=True)
     _check(results, expected)
     assert probs.shape == (11, CLASSES)
     # An ensemble of a model with itself is the model.
-    twice, _ = evaluate.evaluate_runs([run, dataclasses.replace(run, path="copy")], _device_batches(batch))
+    twice, _ = evaluation.evaluate_runs([run, dataclasses.replace(run, path="copy")], _device_batches(batch))
     _check(twice, expected)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
-from alexnet_jax.data import pipeline, resize, sources
+from alexnet_jax.data import pipeline, registry, resize, sources
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
 PER_SYNSET = 4
@@ -54,13 +54,13 @@ def write_ilsvrc_tars(manual_dir):
 def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     manual_dir = write_ilsvrc_tars(tmp_path / "manual")
     data_dir = tmp_path / "tfds"
-    source = sources.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    source = registry.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
     assert source.num_classes == 1000 and source.class_names[:3] == SYNSETS
     assert source.train.num_examples == len(SYNSETS) * PER_SYNSET
     assert source.eval.num_examples == NUM_VAL
     # Prepared once: opening again reads the records without touching the tars.
     (manual_dir / "ILSVRC2012_img_train.tar").unlink()
-    again = sources.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    again = registry.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
     assert again.eval.num_examples == NUM_VAL
 
     aug = pipeline.Augmentation(image_size=63, resize_size=72)

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, write_image_folder
 from PIL import Image
 
-from alexnet_jax.data import pack, packed, sources
+from alexnet_jax.data import pack, packed, registry, sources
 from alexnet_jax.errors import UserError
 
 SIZE = 256
@@ -96,7 +96,7 @@ def test_raw_pack_holds_the_exact_central_patches(photo_folder, photo_packs):
     # Random access in any order, repeats included.
     picks = [7, 0, 3, 3, 5]
     np.testing.assert_array_equal(pack_raw.train.read(picks), pack_raw.train.read(np.arange(8))[picks])
-    # A sources.Source whose splits the training loop drives through the Split interface.
+    # A sources.Source whose splits the training loop drives through registry.train_batches / eval_batches.
     assert isinstance(pack_raw, sources.Source) and isinstance(pack_raw.train, sources.Split)
     assert pack_raw.image_side == SIZE and pack_raw.train.augments_on_device and pack_raw.eval.augments_on_device
     for index, data in pack_raw.train.encoded({3, 1}).items():  # lossless PNGs of the raw pixels
@@ -140,12 +140,13 @@ def test_eval_crops_equal_the_tf_data_ones(photo_packs):
                 want = augment.eval_images(tf.constant(data), crops=crops, image_size=image_size, resize_size=SIZE)
                 message = f"{encoding} {crops}x{image_size} #{index}"
                 np.testing.assert_array_equal(got[index], want.numpy(), err_msg=message)
-            # The same batches through the Split interface the training loop calls, with its Augmentation.
+            # The same batches through the registry the training loop calls, with its Augmentation.
             aug = pipeline.Augmentation(image_size=image_size, resize_size=SIZE, eval_crops=crops)
-            via_split = np.concatenate([batch["images"] for batch in split.eval_batches(aug, per_process_batch=2)])
+            via_split = registry.eval_batches(split, aug, per_process_batch=2)
+            via_split = np.concatenate([batch["images"] for batch in via_split])
             np.testing.assert_array_equal(via_split, got)
     with pytest.raises(UserError, match="resize_size"):
-        split.eval_batches(pipeline.Augmentation(image_size=224, resize_size=288), per_process_batch=2)
+        registry.eval_batches(split, pipeline.Augmentation(image_size=224, resize_size=288), per_process_batch=2)
 
 
 # ---------------------------------------------------------------- order: train and eval
@@ -191,7 +192,7 @@ def test_resume_at_any_step_continues_the_same_stream(tiny_pack):
         for want, got in zip(whole[start:], resumed):
             for key in ("images", "labels", "example_ids"):
                 np.testing.assert_array_equal(got[key], want[key], err_msg=f"start_step={start} {key}")
-    via_split = next(split.train_batches(None, per_process_batch=8, seed=3, start_step=9))  # the Split interface
+    via_split = next(registry.train_batches(split, None, per_process_batch=8, seed=3, start_step=9))  # as the loop
     for key in ("images", "labels", "example_ids"):
         np.testing.assert_array_equal(via_split[key], whole[9][key])
 
@@ -379,7 +380,7 @@ def test_pack_a_prepared_imagenet2012(tmp_path):
 
     manual_dir = write_ilsvrc_tars(tmp_path / "manual")
     data_dir = tmp_path / "tfds"
-    source = sources.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    source = registry.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
     out = tmp_path / "pack"
     argv = ["--dataset=imagenet2012", f"--data_dir={data_dir}", f"--out={out}", "--size=64", "--workers=1"]
     assert pack.main(argv) == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from alexnet_jax import model as model_lib
-from alexnet_jax import optim, steps
+from alexnet_jax import optim, profiling, steps
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
@@ -80,6 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = -1  # -1 = once an epoch
     config.keep_checkpoints = 3
     config.prefetch_to_device = 2
+    # Gradient accumulation (issue 22): one update from this many micro-batches of
+    # batch_size / N each, run in turn inside the step: the same update, a fraction of the
+    # activation memory. Learning rate, schedule and every interval count updates.
+    config.grad_accum_steps = 1
+    # Profiling (issue 22): "FIRST-LAST" (e.g. "10-15") traces those updates with jax.profiler
+    # into WORKDIR/plugins/profile/ (TensorBoard's Profile tab), on process 0; "" = off.
+    config.profile_steps = ""
     return config
 
 
@@ -117,6 +124,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         raise UserError(
             "config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs"
         )
+    profiling.parse_steps(config.profile_steps)  # a UserError naming the format
     _validate_sizes(config)
     _validate_counts(config, device_count)
     if not 0.0 <= config.dropout_rate < 1.0:
@@ -158,6 +166,18 @@ def _validate_counts(config: ml_collections.ConfigDict, device_count: int) -> No
                 f"config.{key}={config[key]} is not divisible by the {device_count} devices of this run; "
                 f"use a multiple of {device_count}"
             )
+    _validate_grad_accum(config, device_count)
+
+
+def _validate_grad_accum(config: ml_collections.ConfigDict, device_count: int) -> None:
+    accum, per_device = config.grad_accum_steps, config.batch_size // device_count
+    if accum < 1:
+        raise UserError(f"config.grad_accum_steps={accum} must be at least 1 (1 = no accumulation)")
+    if per_device % accum:
+        raise UserError(
+            f"config.grad_accum_steps={accum} does not divide the {per_device} examples per device "
+            f"(batch_size {config.batch_size} / {device_count} devices); use a divisor of {per_device}"
+        )
 
 
 def resize_size(config: ml_collections.ConfigDict) -> int:

@@ -17,44 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from alexnet_jax import cli, parallel, paths, runinfo, steps, trained
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import cli, parallel, paths, runinfo, trained
 from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
+from alexnet_jax.evaluation import evaluate_runs
 
 DEFAULT_PER_DEVICE_BATCH = 16
 # Models of an ensemble must agree on these to average their softmax per example.
 ENSEMBLE_KEYS = ("num_classes", "image_size", "resize_size", "resize_method", "class_names")
-
-
-def evaluate_batches(
-    p_eval, params: Sequence[Any], batches: Iterable[dict[str, jax.Array]], *, keep_probabilities: bool = False
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Exact metrics over device batches {'images', 'labels', 'mask'}: the one evaluation code path.
-
-    p_eval: steps.make_eval_step of one model (training) or several (an ensemble), which
-    averages the softmax over crops and models and sums the masked metrics. With
-    keep_probabilities, also the probabilities [num_examples, classes] of the real
-    examples, in the order read.
-    """
-    totals, kept = None, []
-    params = tuple(params)
-    for batch in batches:
-        sums, probs = p_eval(params, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        if keep_probabilities:
-            host_probs, mask = jax.device_get((probs, batch["mask"]))
-            kept.append(host_probs.reshape((-1, host_probs.shape[-1]))[mask.reshape(-1) == 1])
-    results = metrics_lib.eval_results(totals)
-    return results, (np.concatenate(kept) if keep_probabilities else None)
 
 
 def load_run(workdir: str) -> trained.TrainedModel:
@@ -86,17 +61,6 @@ def _short(value: Any) -> str:
     return text if len(text) < 60 else text[:57] + "..."
 
 
-def evaluate_runs(
-    runs: list[trained.TrainedModel], batches, *, keep_probabilities: bool = False
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """The runs' (averaged) softmax scored over device batches."""
-    # Replicated once on every local device: an unplaced tree would be copied to each device every batch.
-    replicated = NamedSharding(parallel.local_mesh(), PartitionSpec())
-    params = [jax.device_put(run.params, replicated) for run in runs]
-    p_eval = steps.make_eval_step([run.module(steps.resolve_backward_impl("auto")) for run in runs])
-    return evaluate_batches(p_eval, params, batches, keep_probabilities=keep_probabilities)
-
-
 def evaluate(
     workdirs: list[str],
     *,
@@ -112,7 +76,7 @@ def evaluate(
 
     crops: -1 = the first run's own config.eval_crops (10 for the paper's recipe).
     """
-    from alexnet_jax.data import pipeline, sources
+    from alexnet_jax.data import pipeline, registry
 
     if not workdirs:
         raise UserError("pass at least one --workdir=DIR")
@@ -126,7 +90,7 @@ def evaluate(
     config.update(data_dir=runs[0].run_info.get("data_dir", "") if data_dir is None else data_dir)
     split = split or runs[0].run_info.get("eval_split") or "validation"
     config.update(eval_split=split, skip_bad_images=skip_bad_images, download=False)
-    source = sources.open_source_from_config(config)
+    source = registry.open_source_from_config(config)
     if source.num_classes > runs[0].num_classes:
         raise UserError(
             f"{source.name} has {source.num_classes} classes but the model only {runs[0].num_classes}; "
@@ -138,7 +102,7 @@ def evaluate(
         raise UserError(f"--batch_size={batch_size} is not divisible by the {local_devices} devices; use a multiple")
     aug = pipeline.Augmentation(eval_crops=crops, **runs[0].sizes)  # as the run was trained
     batches = parallel.prefetch_to_device(
-        pipeline.device_batches(source.eval.eval_batches(aug, per_process_batch=batch_size), local_devices)
+        pipeline.device_batches(registry.eval_batches(source.eval, aug, per_process_batch=batch_size), local_devices)
     )
     results, probs = evaluate_runs(runs, batches, keep_probabilities=keep_probabilities)
     record: dict[str, Any] = dict(results)

@@ -96,14 +96,14 @@ def find_neighbors(
     The split's images come through its own evaluation batches (centre crop, as the
     model was evaluated), in the split's fixed order; padding is masked out.
     """
-    from alexnet_jax.data import pipeline
+    from alexnet_jax.data import pipeline, registry
 
     features = make_feature_fn(classifier)
     nearest = NearestK(features(query_images), k)
     aug = pipeline.Augmentation(eval_crops=1, **classifier.sizes)
     labels: list[np.ndarray] = []
     seen = 0
-    for batch_index, batch in enumerate(split.eval_batches(aug, per_process_batch=batch_size)):
+    for batch_index, batch in enumerate(registry.eval_batches(split, aug, per_process_batch=batch_size)):
         count = int(batch["mask"].sum())  # real examples come first; padding only ends the last batch
         if max_images > 0:
             count = min(count, max_images - seen)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
     """Find and print the neighbours; returns the grid's rows."""
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import registry
 
     if args.k < 1:
         raise UserError(f"--k={args.k} must be at least 1")
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
     if not dataset:
         raise UserError("which images to search is unknown (no config.json): pass --dataset and --data_dir")
     config = {**(info.get("config") or {}), "dataset": dataset, "data_dir": args.data_dir or info.get("data_dir", "")}
-    source = sources.open_source_from_config(config, eval_split=info.get("eval_split", "validation"))
+    source = registry.open_source_from_config(config, eval_split=info.get("eval_split", "validation"))
     split = source.train if args.split == "train" else source.eval
     names = [_short(name) for name in runinfo.display_names(source.class_names, len(source.class_names))]
     query_bytes = [predict.read_image(path) for path in args.query]

@@ -143,6 +143,69 @@ def train_inputs(batch: dict[str, jax.Array], augment: DeviceAugment | None) -> 
     )
 
 
+def batch_gradients(
+    params: Any,
+    batch: dict[str, jax.Array],
+    dropout_rng: jax.Array,
+    *,
+    model: model_lib.AlexNet,
+    augment: DeviceAugment | None,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """(gradients of the mean loss, mean loss/top-1/top-5) of one batch on one device."""
+    pixels, color = train_inputs(batch, augment)
+    images = preprocess.model_input(pixels, color, input_scale=model.input_scale)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+        return cross_entropy(logits, batch["labels"]), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = {
+        "loss": loss,
+        "top1_acc": metrics_lib.correct_top_k(logits, batch["labels"], 1).mean(),
+        "top5_acc": metrics_lib.correct_top_k(logits, batch["labels"], 5).mean(),
+    }
+    return grads, metrics
+
+
+def accumulated_gradients(
+    params: Any,
+    batch: dict[str, jax.Array],
+    dropout_rng: jax.Array,
+    *,
+    model: model_lib.AlexNet,
+    augment: DeviceAugment | None,
+    micro_batches: int,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """batch_gradients of the whole batch, computed over `micro_batches` equal slices in turn (lax.scan).
+
+    Equal slices of a mean loss: the mean of their gradients and metrics is the whole
+    batch's. Only one slice's activations are alive at a time, so memory falls with
+    micro_batches. Slice i holds examples i*m .. (i+1)*m - 1 (the batch's own order) and
+    draws its dropout masks from fold_in(dropout_rng, i): every slice its own.
+    """
+    if micro_batches == 1:
+        return batch_gradients(params, batch, dropout_rng, model=model, augment=augment)
+    per_device = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if per_device % micro_batches:
+        raise ValueError(f"a per-device batch of {per_device} does not split into {micro_batches} micro-batches")
+    # [micro_batches, per_device / micro_batches, ...]
+    slices = jax.tree_util.tree_map(lambda value: value.reshape((micro_batches, -1) + value.shape[1:]), batch)
+
+    gradients = functools.partial(batch_gradients, model=model, augment=augment)
+
+    def add_slice(totals, indexed_slice):
+        index, micro_batch = indexed_slice
+        found = gradients(params, micro_batch, jax.random.fold_in(dropout_rng, index))
+        return jax.tree_util.tree_map(jnp.add, totals, found), None
+
+    first = jax.tree_util.tree_map(lambda value: value[0], slices)
+    shapes = jax.eval_shape(gradients, params, first, dropout_rng)
+    zeros = jax.tree_util.tree_map(lambda shape: jnp.zeros(shape.shape, shape.dtype), shapes)
+    totals, _ = lax.scan(add_slice, zeros, (jnp.arange(micro_batches), slices))
+    return jax.tree_util.tree_map(lambda total: total / micro_batches, totals)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -152,31 +215,24 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     augment: DeviceAugment | None = None,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD update from one device's slice of the batch; runs under pmap.
 
     batch: {'images': [per_device_batch, S, S, 3] uint8 pixels (or model-ready floats),
     'labels': [per_device_batch], optionally 'color': [per_device_batch, 3] PCA colour
     offsets, or 'example_ids' for packed images that the step augments (DeviceAugment)}.
+    grad_accum_steps > 1: the gradients come from that many micro-batches of the slice in
+    turn (accumulated_gradients): the same update, less memory.
     """
     dropout_rng = dropout_key(rng, state.step)
-    pixels, color = train_inputs(batch, augment)
-    images = preprocess.model_input(pixels, color, input_scale=model.input_scale)
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
-        return cross_entropy(logits, batch["labels"]), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, metrics = accumulated_gradients(
+        state.params, batch, dropout_rng, model=model, augment=augment, micro_batches=grad_accum_steps
+    )
     grads = lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    metrics = {
-        "loss": loss,
-        "top1_acc": metrics_lib.correct_top_k(logits, batch["labels"], 1).mean(),
-        "top5_acc": metrics_lib.correct_top_k(logits, batch["labels"], 5).mean(),
-    }
     metrics = lax.pmean(metrics, AXIS)
     metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
@@ -213,13 +269,16 @@ def make_steps(
     schedule: optax.Schedule,
     parallelism: str = "pmap",
     augment: DeviceAugment | None = None,
+    grad_accum_steps: int = 1,
 ):
     """The train and eval steps over the local devices; the train step donates the old state.
 
     train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs),
     batches as [local_devices, per_device, ...].
     """
-    train_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment)
+    train_fn = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, augment=augment, grad_accum_steps=grad_accum_steps
+    )
     return _parallel_train(train_fn, parallelism), make_eval_step((model,), parallelism)
 
 

@@ -30,6 +30,7 @@ from alexnet_jax import (
     plot,
     preemption,
     preprocess,
+    profiling,
     runinfo,
     steps,
     trained,
@@ -38,7 +39,7 @@ from alexnet_jax import (
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.errors import UserError
-from alexnet_jax.evaluate import evaluate_batches
+from alexnet_jax.evaluation import evaluate_batches
 from alexnet_jax.steps import TrainState
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "backward_impl",
         "group_conv",  # the same convolution, run as one grouped or two plain ones
         "parallelism",
+        "profile_steps",
     }
 )
 
@@ -292,7 +294,7 @@ class Inputs:
 
 def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source, start_step: int) -> Inputs:
     """Host batches -> [local_devices, per_device, ...] on the devices, prefetched."""
-    from alexnet_jax.data import pipeline
+    from alexnet_jax.data import pipeline, registry
 
     aug = pipeline.Augmentation(
         image_size=config.image_size,
@@ -303,15 +305,21 @@ def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source
         resize_method=config.resize_method,
     )
     shard = dict(process_index=plan.process_index, process_count=plan.process_count)
-    train_batches = source.train.train_batches(
-        aug, per_process_batch=plan.global_batch // plan.process_count, seed=config.seed, start_step=start_step, **shard
+    train_batches = registry.train_batches(
+        source.train,
+        aug,
+        per_process_batch=plan.global_batch // plan.process_count,
+        seed=config.seed,
+        start_step=start_step,
+        **shard,
     )
     train = parallel.prefetch_to_device(
         pipeline.device_batches(train_batches, plan.local_devices), config.prefetch_to_device
     )
 
     def eval_batches():
-        batches = source.eval.eval_batches(aug, per_process_batch=plan.eval_batch // plan.process_count, **shard)
+        per_process_batch = plan.eval_batch // plan.process_count
+        batches = registry.eval_batches(source.eval, aug, per_process_batch=per_process_batch, **shard)
         return parallel.prefetch_to_device(pipeline.device_batches(batches, plan.local_devices))
 
     augment = None
@@ -448,9 +456,9 @@ def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import registry
 
-    source = sources.open_source_from_config(config)
+    source = registry.open_source_from_config(config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
     pretrained = None
@@ -471,7 +479,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     if plan.is_primary:
         _record_run(workdir, config, plan, source)
     inputs = make_inputs(config, plan, source, start_step)
-    p_train, p_eval = steps.make_steps(model, tx, schedule, config.parallelism, augment=inputs.augment)
+    p_train, p_eval = steps.make_steps(
+        model, tx, schedule, config.parallelism, augment=inputs.augment, grad_accum_steps=config.grad_accum_steps
+    )
     writer = metrics_lib.MetricWriter(workdir, enabled=plan.is_primary)
     evaluator = Evaluator(p_eval, inputs, writer, workdir=workdir, variant=config.model)
     log.info(
@@ -481,6 +491,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     )
     try:
         loop = dict(inputs=inputs, evaluator=evaluator, checkpointer=checkpointer, writer=writer)
+        loop.update(profiler=profiling.StepProfiler(config.profile_steps, workdir, enabled=plan.is_primary))
         state = run_loop(state, config, plan, p_train=p_train, restored_step=resume.step, **loop)
     finally:
         checkpointer.close()
@@ -536,6 +547,7 @@ def run_loop(
     checkpointer: checkpoint_lib.Checkpointer,
     writer: metrics_lib.MetricWriter,
     restored_step: int | None,
+    profiler: profiling.StepProfiler,
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
     dropout_rng = steps.dropout_root_key(config.seed, config.prng_impl)
@@ -547,7 +559,9 @@ def run_loop(
     stop_request = preemption.StopRequest().install()
     try:
         for step in range(start_step + 1, plan.total_steps + 1):
+            profiler.before_step(step)
             state, step_metrics = p_train(state, meter.next_batch(inputs.train), dropout_rng)
+            profiler.after_step(step, state)
             pending.append((step, step_metrics))
             if step == start_step + 1:  # leave compilation out of the first interval's speed
                 jax.block_until_ready(state.step)
@@ -573,6 +587,7 @@ def run_loop(
             if due.eval or due.checkpoint:
                 meter.restart()
     finally:
+        profiler.stop()  # a run that ends or stops inside the window still writes its trace
         stop_request.restore()
     return state
 

@@ -251,12 +251,12 @@ def write_packed(
     shard_mb: float = DEFAULT_SHARD_MB,
 ) -> dict:
     """Write the pack (see the module docstring); returns its manifest."""
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import registry
 
     target = _check_arguments(
         data_dir, out, encoding=encoding, size=size, dataset=dataset, shard_images=shard_images, shard_mb=shard_mb
     )
-    source = sources.open_source(
+    source = registry.open_source(
         dataset, data_dir=data_dir, train_split=train_split, eval_split=eval_split, skip_bad_images=skip_bad_images
     )
     splits = {"train": source.train, "validation": source.eval}

@@ -10,8 +10,8 @@ tf.io.decode_jpeg; TensorFlow is imported only for it, so a raw pack is read
 on machines without TensorFlow.
 
 open_packed gives a sources.Source whose splits are sources.Split with
-augments_on_device = True: the training loop calls split.train_batches(aug, ...)
-and split.eval_batches(aug, ...) as for any split and gets these batches.
+augments_on_device = True: the training loop calls registry.train_batches(split, aug, ...)
+and registry.eval_batches(split, aug, ...) as for any split and gets these batches.
 
 The contracts are pipeline.train_dataset's and eval_dataset's (the permutations
 are numpy's, not TensorFlow's): process i reads examples i, i + P, i + 2P, ...;
@@ -127,11 +127,11 @@ class PackedSplit(sources.Split):
         return decode_jpegs(self.jpeg_files(indices), self.size)
 
     def train_batches(self, aug=None, **kwargs) -> Prefetcher:
-        """sources.Split's entry point: train_batches(self, ...); `aug` is unused (the step augments)."""
+        """registry.train_batches' entry point for a pack; `aug` is unused (the step augments)."""
         return train_batches(self, **kwargs)
 
     def eval_batches(self, aug, **kwargs) -> Prefetcher:
-        """sources.Split's entry point: eval_batches(self, ...) with aug.eval_crops and aug.image_size."""
+        """registry.eval_batches' entry point for a pack: eval_batches with aug.eval_crops, aug.image_size."""
         if aug.resize_size != self.size:
             raise UserError(
                 f"resize_size={aug.resize_size} but this pack holds {self.size}x{self.size} images; use {self.size}"

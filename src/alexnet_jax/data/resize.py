@@ -90,12 +90,12 @@ def write_resized(
     skip_bad_images: bool = False,
 ) -> dict:
     """Write the copy (see the module docstring); returns what RESIZED.json records."""
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import registry, sources
 
     if size < 1:
         raise UserError(f"--size={size} must be positive")
     target = sources.new_output_directory(out, data_dir, dataset)
-    source = sources.open_source(dataset, data_dir=data_dir, skip_bad_images=skip_bad_images)
+    source = registry.open_source(dataset, data_dir=data_dir, skip_bad_images=skip_bad_images)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
@@ -137,7 +137,7 @@ def check_decodes(data_dir: str, *, threads: int | None = None) -> list[tuple[st
     """[(path, error)] of the image-folder files TensorFlow cannot decode in full (slow: a full decode each)."""
     from alexnet_jax.data import sources
 
-    source = sources.open_source("image_folder", data_dir=data_dir, skip_bad_images=True)
+    source = sources.image_folder(data_dir, skip_bad_images=True)
     paths = [str(path) for split in (source.train, source.eval) for path in split.paths]
     with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
         errors = list(pool.map(sources.decode_error, paths))

@@ -37,22 +37,11 @@ class Split:
     Subclasses say how to list examples as tf.data of (ref, label) and how to turn a
     ref into encoded bytes inside the decode map (`read`), so the pipeline's
     decode, augmentation, batching and padding are one code path for all of them.
+    Which batcher a split takes (the pipeline, or a pack's own) is registry.py's choice.
     """
 
     augments_on_device = False  # packed splits ship whole images; the step crops them
     num_examples: int
-
-    def train_batches(self, aug, **kwargs):
-        """Endless numpy training batches (pipeline.train_batches)."""
-        from alexnet_jax.data import pipeline
-
-        return pipeline.train_batches(self, aug, **kwargs)
-
-    def eval_batches(self, aug, **kwargs):
-        """Padded, masked numpy evaluation batches (pipeline.eval_batches)."""
-        from alexnet_jax.data import pipeline
-
-        return pipeline.eval_batches(self, aug, **kwargs)
 
     def read(self, ref):
         """Encoded image bytes of a ref (a TF op, run inside the decode map)."""
@@ -204,60 +193,6 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def open_source_from_config(config, *, eval_split: str | None = None) -> Source:
-    """open_source with a run's config keys (config.json's "config" dict works too)."""
-    get = config.get
-    return open_source(
-        get("dataset"),
-        data_dir=get("data_dir", "") or "",
-        manual_dir=get("manual_dir", "") or "",
-        train_split=get("train_split", "train"),
-        eval_split=eval_split or get("eval_split", "validation"),
-        download=bool(get("download", False)),
-        skip_bad_images=bool(get("skip_bad_images", False)),
-    )
-
-
-def open_source(
-    dataset: str,
-    *,
-    data_dir: str = "",
-    manual_dir: str = "",
-    train_split: str = "train",
-    eval_split: str = "validation",
-    download: bool = False,
-    skip_bad_images: bool = False,
-) -> Source:
-    """Resolve a dataset name to a Source, failing early with what to do.
-
-    skip_bad_images: an image folder's unreadable files (truncated, not an image)
-    are dropped and logged instead of stopping the run. TFDS datasets were
-    validated when they were prepared, so it does not apply to them.
-    """
-    if dataset == "image_folder":
-        return image_folder(data_dir, skip_bad_images=skip_bad_images)
-    if dataset == "packed":
-        from alexnet_jax.data import packed
-
-        if not data_dir:
-            raise UserError(
-                "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack"
-            )
-        return packed.open_packed(data_dir)
-    if dataset == "demo_digits":
-        from alexnet_jax.data import demo
-
-        return image_folder(str(demo.write_digits(data_dir or None)), skip_bad_images=skip_bad_images)
-    return tfds_source(
-        dataset,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        train_split=train_split,
-        eval_split=eval_split,
-        download=download,
-    )
 
 
 def image_folder(root: str, *, skip_bad_images: bool = False) -> Source:
