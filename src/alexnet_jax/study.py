@@ -109,9 +109,8 @@ def _typed(key: str, text: str, current: Any) -> Any:
         if isinstance(current, str):
             return text
     except ValueError:
-        raise UserError(
-            f"--vary: config.{key} holds a {type(current).__name__} ({current!r}), and {text!r} is not one"
-        ) from None
+        kind = "true/false" if isinstance(current, bool) else "integer" if isinstance(current, int) else "number"
+        raise UserError(f"--vary: config.{key} takes {kind} values (it is {current!r}); {text!r} is not one") from None
     raise UserError(f"--vary: config.{key} holds a {type(current).__name__}; a study varies numbers, strings or bools")
 
 
@@ -565,8 +564,9 @@ def _flags(argv: list[str]):
     from ml_collections import config_flags
 
     values = flags.FlagValues()
+    # sys_argv: the overrides (--config.KEY=VALUE) are looked for in these arguments, not in sys.argv.
     config_flags.DEFINE_config_file(
-        "config", None, "Path to a config file (configs/*.py).", flag_values=values, lock_config=True
+        "config", None, "Path to a config file (configs/*.py).", flag_values=values, lock_config=True, sys_argv=argv
     )
     flags.DEFINE_string(
         "workdir", None, "The study's directory: one run per setting and seed below it.", flag_values=values
