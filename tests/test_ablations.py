@@ -78,7 +78,9 @@ def test_hidden_units_and_lrn_are_as_switched(params, activation, lrn):
     assert_close(io["conv4"][0], act(io["conv3"][1]), **close)
     assert_close(io["conv5"][0], act(io["conv4"][1]), **close)
     pooled = _pool3x3(act(io["conv5"][1]))  # [2, 1, 1, 256] at 67: adaptive pooling repeats it to 6x6
-    assert_close(io["fc6"][0], np.repeat(pooled.transpose(0, 3, 1, 2).reshape(2, 256, 1), 36, axis=2).reshape(2, -1))
+    assert_close(
+        io["fc6"][0], np.repeat(pooled.transpose(0, 3, 1, 2).reshape(2, 256, 1), 36, axis=2).reshape(2, -1), **close
+    )
     assert_close(io["fc7"][0], 0.5 * act(io["fc6"][1]), **close)  # the paper's dropout at test: x 0.5
     assert_close(io["fc8"][0], 0.5 * act(io["fc7"][1]), **close)
     hidden = io["conv4"][0]
