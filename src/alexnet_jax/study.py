@@ -396,6 +396,7 @@ def table(study: dict[str, Any]) -> str:
     header = ["setting", "seeds", f"steps to {target:g}% train error", "ratio", "final train error (%)"]
     header += ["train-set error (%)"] if has_train_set else []
     header += ["held-out top-1 error (%)", "held-out top-5 error (%)", "Δ top-1 vs first (± 2 SE)"]
+    header += ["gap: held-out - train-set (%)"] if has_train_set else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in study["settings"]:
         reach = entry["steps_to_target"]
@@ -418,6 +419,7 @@ def table(study: dict[str, Any]) -> str:
         row += [_percent(entry["final"].get("train_error"))]
         row += [_percent(entry["final"].get("train_set_error"))] if has_train_set else []
         row += [_percent(entry["final"].get("eval_error")), _percent(entry["final"].get("eval_top5_error")), delta_text]
+        row += [_percent(entry["final"].get("generalisation_gap"))] if has_train_set else []
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
