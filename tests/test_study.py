@@ -160,3 +160,27 @@ def test_a_killed_study_resumes_writes_its_outputs_and_its_runs_rebuild(photo_fo
         "pooling 'non_overlapping' -> 'overlapping'",
         "lrn False -> None",
     ]
+
+
+def test_a_diverged_run_is_counted_apart_and_left_out_of_the_statistics():
+    settings = study.grid([("dropout_rate", [0.5, 0.0])])
+
+    def run(seed, train_errors, eval_error, diverged=False):
+        curves = {name: {"steps": [], "values": []} for name in study.CURVES}
+        curves["train_error"] = {"steps": [5, 10], "values": train_errors}
+        curves["eval_error"] = {"steps": [10], "values": [eval_error]}
+        record = {"diverged": "training diverged at step 7"} if diverged else {"wall_s": 1.0}
+        return {"seed": seed, "workdir": f"w{seed}", "curves": curves, "record": record}
+
+    finished = {
+        "dropout_rate=0.5": [run(0, [0.9, 0.6], 0.3), run(1, [0.8, 0.4], 0.2)],
+        "dropout_rate=0.0": [run(0, [0.9, 0.5], 0.4), run(1, [1.0, 1.0], 1.0, diverged=True)],
+    }
+    result = study.summarize(settings, finished, target=0.5, extra={})
+    base, other = result["settings"]
+    assert other["seeds"] == [0] and other["diverged"] == [{"seed": 1, "message": "training diverged at step 7"}]
+    assert other["final"]["eval_error"]["mean"] == pytest.approx(0.4) and other["final"]["eval_error"]["n"] == 1
+    assert base["steps_to_target"]["per_seed"] == [None, 10] and other["steps_to_target"]["per_seed"] == [10]
+    assert base["final"]["eval_error"]["mean"] == pytest.approx(0.25)
+    assert other["vs_first"]["eval_error"]["beyond_noise"] is None  # one seed left: no spread to judge by
+    assert "| `dropout_rate=0.0` | 1 (+1 diverged) |" in study.table(result)

@@ -205,7 +205,9 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
     """Train (or resume) one run to its last step; returns what study_run.json records.
 
     A run stopped early on request (SIGTERM/SIGINT: the loop saves a checkpoint and returns)
-    raises StudyStopped, and is resumed by the next study.
+    raises StudyStopped, and is resumed by the next study. A run whose training diverged is a
+    result, not a failure of the study: recorded as diverged (study_run.json), left out of
+    the statistics and counted in the table.
     """
     import jax
 
@@ -213,7 +215,13 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
     from alexnet_jax.data import sources
 
     start = time.perf_counter()
-    state = train.train_and_evaluate(run.config, run.workdir)
+    try:
+        state = train.train_and_evaluate(run.config, run.workdir)
+    except train.DivergenceError as error:
+        record = {"setting": run.setting.values, "seed": run.seed, "diverged": str(error)}
+        record["wall_s"] = round(time.perf_counter() - start, 1)
+        _write_json(run.done_file, record)
+        return record
     step = int(jax.device_get(state.step))
     del state
     total = train.plan_run(run.config, sources.open_source_from_config(run.config)).total_steps
@@ -297,17 +305,19 @@ def mean_curve(curves: list[dict[str, list]]) -> dict[str, list]:
     return {"steps": common, **{k: [s[k] for s in stats] for k in ("mean", "std", "min", "max")}}
 
 
-def summarize_setting(setting: Setting, runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """One setting's entry of study.json from its finished runs ({"seed", "curves", "record"} each)."""
+def summarize_setting(setting: Setting, finished: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """One setting's entry of study.json from its finished runs ({"seed", "curves", "record"} each);
+    diverged runs are listed apart and left out of every statistic."""
+    runs = [r for r in finished if "diverged" not in r["record"]]
     by_curve = {name: mean_curve([r["curves"][name] for r in runs]) for name in CURVES}
     reached = [steps_to_reach(r["curves"]["train_error"], target) for r in runs]
     hit = [s for s in reached if s is not None]
     final = {}
     for name in ("eval_error", "eval_top5_error", "train_error"):
         last = [r["curves"][name]["values"][-1] for r in runs if r["curves"][name]["values"]]
-        if len(last) == len(runs):
+        if last and len(last) == len(runs):
             final[name] = spread(last)
-    if all("train_set" in r["record"] for r in runs):
+    if runs and all("train_set" in r["record"] for r in runs):
         final["train_set_error"] = spread([1.0 - r["record"]["train_set"]["eval/top1_acc"] for r in runs])
         if "eval_error" in final:
             gaps = [e - t for e, t in zip(final["eval_error"]["per_seed"], final["train_set_error"]["per_seed"])]
@@ -316,6 +326,7 @@ def summarize_setting(setting: Setting, runs: list[dict[str, Any]], target: floa
         "name": setting.name,
         "values": setting.values,
         "seeds": [r["seed"] for r in runs],
+        "diverged": [{"seed": r["seed"], "message": r["record"]["diverged"]} for r in finished if r not in runs],
         "runs": [
             {"seed": r["seed"], "workdir": r["workdir"], "curves": r["curves"], "wall_s": r["record"].get("wall_s")}
             for r in runs
@@ -392,7 +403,7 @@ def _percent(stats: dict[str, Any] | None) -> str:
 def table(study: dict[str, Any]) -> str:
     """The Markdown table of study.json (errors in %, mean ± standard deviation over seeds)."""
     target = 100 * study["target_train_error"]
-    has_train_set = all("train_set_error" in s["final"] for s in study["settings"])
+    has_train_set = any("train_set_error" in s["final"] for s in study["settings"])
     header = ["setting", "seeds", f"steps to {target:g}% train error", "ratio", "final train error (%)"]
     header += ["train-set error (%)"] if has_train_set else []
     header += ["held-out top-1 error (%)", "held-out top-5 error (%)", "Δ top-1 vs first (± 2 SE)"]
@@ -415,7 +426,8 @@ def table(study: dict[str, Any]) -> str:
             delta_text = f"{100 * delta['difference']:+.1f} ± {100 * delta['two_se']:.1f}"
             verdicts = {True: " (beyond noise)", False: " (within noise)", None: " (one seed: no spread)"}
             delta_text += verdicts[delta["beyond_noise"]]
-        row = [f"`{entry['name']}`", str(len(entry["seeds"])), steps, "-" if ratio is None else f"{ratio:.2f}"]
+        seeds = str(len(entry["seeds"])) + (f" (+{len(entry['diverged'])} diverged)" if entry["diverged"] else "")
+        row = [f"`{entry['name']}`", seeds, steps, "-" if ratio is None else f"{ratio:.2f}"]
         row += [_percent(entry["final"].get("train_error"))]
         row += [_percent(entry["final"].get("train_set_error"))] if has_train_set else []
         row += [_percent(entry["final"].get("eval_error")), _percent(entry["final"].get("eval_top5_error")), delta_text]
@@ -435,7 +447,9 @@ def figure(study: dict[str, Any], out_path: str) -> str:
     train_ax, eval_ax = fig.subplots(1, 2)
     for index, entry in enumerate(study["settings"]):
         colour = f"C{index}"
-        label = f"{entry['name']} ({len(entry['seeds'])} seeds)"
+        label = f"{entry['name']} ({len(entry['seeds'])} seeds" + (
+            f", {len(entry['diverged'])} diverged)" if entry["diverged"] else ")"
+        )
         for ax, name in ((train_ax, "train_error"), (eval_ax, "eval_error")):
             curve = entry["mean_curves"][name]
             if not curve["steps"]:
@@ -544,7 +558,10 @@ def run_study(
             continue
         log.info("%s: training in %s", where, run.workdir)
         record = train_run(run, train_set_eval=train_set_eval)
-        log.info("%s: done in %.0f s (%s)", where, record["wall_s"], _last_errors(run.workdir))
+        if "diverged" in record:
+            log.warning("%s: diverged (%s); recorded, the study goes on", where, record["diverged"])
+        else:
+            log.info("%s: done in %.0f s (%s)", where, record["wall_s"], _last_errors(run.workdir))
         outputs()
     study = outputs()
     log.info("study: wrote %s, %s and %s in %s", JSON_FILE, PNG_FILE, TABLE_FILE, workdir)
