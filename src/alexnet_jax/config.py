@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     # each resumes exactly, but they draw different masks.
     config.prng_impl = "threefry"
     config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
+    # The paper's ablations (python -m alexnet_jax.study); the defaults are the paper's choices.
+    config.activation = "relu"  # every hidden layer's units: "relu" (section 3.1) or "tanh"
+    config.pooling = "overlapping"  # "overlapping" (3x3, stride 2; section 3.4) or "non_overlapping" (2x2, stride 2)
+    config.lrn = "auto"  # "auto" (the variant's own: paper on, torchvision none), "on" (paper only) or "off"
+    config.random_crop = True  # training crops at random places (section 4.1); False = the centre crop
     # Optimisation.
     config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
     config.lars_trust_coefficient = 0.001
@@ -107,6 +112,9 @@ def _choices() -> dict[str, tuple]:
         "lr_scaling": optim.LR_SCALINGS,
         "resize_method": RESIZE_METHODS,
         "eval_crops": EVAL_CROPS,
+        "activation": model_lib.ACTIVATIONS,
+        "pooling": model_lib.POOLINGS,
+        "lrn": tuple(steps.LRN_CHOICES),
     }
 
 
@@ -127,6 +135,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     profiling.parse_steps(config.profile_steps)  # a UserError naming the format
     _validate_sizes(config)
     _validate_counts(config, device_count)
+    if config.lrn == "on" and config.model != "paper":
+        raise UserError(f"config.lrn='on': the {config.model} variant has no LRN; use 'auto' or 'off'")
     if not 0.0 <= config.dropout_rate < 1.0:
         raise UserError(f"config.dropout_rate={config.dropout_rate} must lie in [0, 1)")
     if config.dataset == "image_folder" and not config.data_dir:

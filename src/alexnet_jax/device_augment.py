@@ -62,12 +62,14 @@ def train_crops(
     image_size: int,
     flip: bool = True,
     pca_noise_std: float = 0.1,
+    random_crop: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """uint8 [B, size, size, 3] packed images -> (uint8 [B, image_size, image_size, 3], float32 [B, 3] offsets).
 
     Call inside the jit/pmap-compiled step on each device's slice of the batch;
     example_ids: int32 [B] from packed.train_batches. pca_noise_std=0 gives zero
-    offsets; flip=False leaves the other draws unchanged.
+    offsets; flip=False leaves the other draws unchanged; random_crop=False takes every
+    example's centre crop (packed.eval_crops' window), the other draws unchanged.
     """
     batch, height, width, channels = images.shape
     if height != width or channels != 3:
@@ -77,7 +79,10 @@ def train_crops(
     if example_ids.shape != (batch,):
         raise ValueError(f"example_ids must be [{batch}], got {example_ids.shape}")
     keys = example_keys(seed, example_ids)  # [B, 3, 2]
-    offsets = crop_offsets(keys[:, 0], size=height, image_size=image_size)  # [B, 2]
+    if random_crop:
+        offsets = crop_offsets(keys[:, 0], size=height, image_size=image_size)  # [B, 2]
+    else:
+        offsets = jnp.full((batch, 2), (height - image_size) // 2, jnp.int32)
 
     def crop(image, offset):
         return lax.dynamic_slice(image, (offset[0], offset[1], 0), (image_size, image_size, 3))

@@ -40,6 +40,10 @@ _LAX_PRECISION = {
     "default": jax.lax.Precision.DEFAULT,
 }
 LRN_PRECISION_RTOL = {"highest": 1e-5, "high": 4e-4, "default": 3e-3}
+# The paper's ablations (issue 24), each a switch with the paper's choice first: the
+# hidden units' nonlinearity (section 3.1) and the max-pool window (section 3.4).
+ACTIVATIONS = ("relu", "tanh")
+POOLINGS = ("overlapping", "non_overlapping")  # 3x3 windows, stride 2 | 2x2 windows, stride 2
 
 # Layer widths: conv1..conv5 then the two hidden fully connected layers.
 _WIDTHS = {
@@ -81,9 +85,36 @@ def min_image_size() -> int:
 
 def _final_map_size(image_size: int) -> int:
     side = (image_size + 2 * 2 - 11) // 4 + 1  # conv1 11x11/4, padding 2
-    for _ in range(3):  # pool1, pool2 and pool5, each 3x3/2; the convs between keep the size
-        side = (side - 3) // 2 + 1
+    for _ in range(3):  # pool1, pool2 and pool5; the convs between keep the size
+        side = pooled_side(side)
     return side
+
+
+def pooled_side(side: int) -> int:
+    """A map's side after one pooling stage: the paper's 3x3/2 (55 -> 27 -> 13 -> 6), whichever the pooling."""
+    return (side - 3) // 2 + 1
+
+
+def max_pool(x: jax.Array, pooling: str, *, fast: bool) -> jax.Array:
+    """One pooling stage [N, H, W, C] -> [N, pooled_side(H), pooled_side(W), C].
+
+    "overlapping": the paper's 3x3 windows at stride 2. "non_overlapping": 2x2 windows
+    at stride 2, the paper's comparison (s = z = 2), over the first 2 * pooled_side rows
+    and columns, so the maps keep the paper's sizes and the parameters their count.
+    At 224 that drops only the last row and column, as 2x2/2 VALID pooling does anyway
+    on odd sides (55, 27, 13); on an even side it drops two.
+    fast: fast_ops.max_pool's hand-written backward, else JAX's autodiff.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    window = 3 if pooling == "overlapping" else 2
+    if pooling == "non_overlapping":
+        height, width = (2 * pooled_side(side) for side in x.shape[1:3])
+        x = x[:, :height, :width]
+    if fast:
+        return fast_ops.max_pool(x, window, 2)
+    # By keyword: the ONNX exporter (jax2onnx) swaps in a keyword-only nn.max_pool while it traces.
+    return nn.max_pool(x, window_shape=(window, window), strides=(2, 2), padding="VALID")
 
 
 def local_response_norm(
@@ -218,6 +249,9 @@ class AlexNet(nn.Module):
     group_conv: one of GROUP_CONVS, how the paper's two-tower convolutions run; the same
       math and parameters either way.
     lrn_precision: one of LRN_PRECISIONS, the LRN band matmul's precision.
+    activation, pooling, lrn: the paper's ablations (ACTIVATIONS, POOLINGS; lrn None =
+      the variant's own: after conv1 and conv2 for the paper, none for torchvision).
+      None of them changes a parameter's shape.
     """
 
     variant: str = "paper"
@@ -229,6 +263,9 @@ class AlexNet(nn.Module):
     backward_impl: str = "lax"
     group_conv: str = "grouped"
     lrn_precision: str = "highest"
+    activation: str = "relu"
+    pooling: str = "overlapping"
+    lrn: bool | None = None
 
     def _check(self, images: jax.Array) -> None:
         for name, value, allowed in (
@@ -238,9 +275,13 @@ class AlexNet(nn.Module):
             ("input_scale", self.input_scale, preprocess.INPUT_SCALES),
             ("group_conv", self.group_conv, GROUP_CONVS),
             ("lrn_precision", self.lrn_precision, LRN_PRECISIONS),
+            ("activation", self.activation, ACTIVATIONS),
+            ("pooling", self.pooling, POOLINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.lrn and self.variant != "paper":
+            raise ValueError(f"the {self.variant} variant has no LRN; use lrn=None or False")
         if _final_map_size(min(images.shape[1:3])) < 1:
             raise ValueError(
                 f"images of {images.shape[1]}x{images.shape[2]} are too small for AlexNet: "
@@ -253,16 +294,16 @@ class AlexNet(nn.Module):
         paper = self.variant == "paper"
         # uint8 pixels are scaled here (preprocess.py); floats are taken as model-ready.
         x = preprocess.model_input(images, input_scale=self.input_scale).astype(self.dtype)  # [N, S, S, 3]
-        x = self._features(x, lrn=paper)  # [N, 6, 6, C5]
+        x = self._features(x, lrn=paper if self.lrn is None else self.lrn)  # [N, 6, 6, C5]
         # Flatten in torchvision's C,H,W order so converted weights line up.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # [N, C5*36]
         for name, width in (("fc6", _WIDTHS[self.variant][5]), ("fc7", _WIDTHS[self.variant][6])):
             if paper:  # fc -> ReLU -> dropout (the paper; Caffe's fc6, relu6, drop6)
-                x = nn.relu(self._dense(width, name)(x))
+                x = self._act(self._dense(width, name)(x))
                 x = PaperDropout(self.dropout_rate, name=f"drop_{name}")(x, train=train)
             else:  # dropout -> fc -> ReLU (torchvision's classifier)
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-                x = nn.relu(self._dense(width, name)(x))
+                x = self._act(self._dense(width, name)(x))
         logits = self._dense(self.num_classes, "fc8")(x)
         return logits.astype(jnp.float32)  # [N, num_classes]
 
@@ -291,24 +332,26 @@ class AlexNet(nn.Module):
             )(x)
 
         def pool(x):
-            if fast:
-                return fast_ops.max_pool(x, 3, 2)
-            # By keyword: the ONNX exporter (jax2onnx) swaps in a keyword-only nn.max_pool while it traces.
-            return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+            return max_pool(x, self.pooling, fast=fast)
 
-        x = nn.relu(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
+        act = self._act
+        x = act(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
             x = norm(x)
         x = pool(x)  # [N, 27, 27, C1]
-        x = nn.relu(conv(x, 1, 5, 1, 2))
+        x = act(conv(x, 1, 5, 1, 2))
         if lrn:
             x = norm(x)
         x = pool(x)  # [N, 13, 13, C2]
-        x = nn.relu(conv(x, 2, 3, 1, 1))
-        x = nn.relu(conv(x, 3, 3, 1, 1))
-        x = nn.relu(conv(x, 4, 3, 1, 1))
+        x = act(conv(x, 2, 3, 1, 1))
+        x = act(conv(x, 3, 3, 1, 1))
+        x = act(conv(x, 4, 3, 1, 1))
         x = pool(x)  # [N, 6, 6, C5]
         return adaptive_avg_pool(x, POOLED_SIZE)
+
+    def _act(self, x: jax.Array) -> jax.Array:
+        """The hidden units' nonlinearity (every conv and hidden FC layer)."""
+        return nn.relu(x) if self.activation == "relu" else jnp.tanh(x)
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(
@@ -337,7 +380,7 @@ def train_flops_per_image(variant: str, image_size: int, num_classes: int = 1000
         macs += side * side * widths[index] * kernel * kernel * channels // groups[index]
         channels = widths[index]
         if index in (0, 1, 4):
-            side = (side - 3) // 2 + 1
+            side = pooled_side(side)
     features = channels * POOLED_SIZE * POOLED_SIZE
     for width in (widths[5], widths[6], num_classes):
         macs += features * width

@@ -38,6 +38,11 @@ PARALLELISMS = ("pmap", "shard_map")
 # Each is a pure function of (seed, step, device), so exact resume holds for each, but
 # the masks differ between them: a run keeps the one it started with.
 PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
+# The paper's ablations (issue 24): config keys that shape the network without changing a
+# parameter's shape, with the values runs recorded before the keys existed were trained with.
+# config.lrn: "auto" = the variant's own (after conv1 and conv2 for the paper, none for torchvision).
+LRN_CHOICES = {"auto": None, "on": True, "off": False}
+ARCHITECTURE_DEFAULTS = {"activation": "relu", "pooling": "overlapping", "lrn": "auto", "dropout_rate": 0.5}
 
 
 @flax.struct.dataclass
@@ -59,6 +64,24 @@ def resolve_input_scale(choice: str, variant: str) -> str:
     return preprocess.default_input_scale(variant) if choice == "auto" else choice
 
 
+def architecture(settings: Any) -> dict[str, Any]:
+    """AlexNet's keyword arguments for the ablation switches (and dropout) of a config.
+
+    settings: a ConfigDict, a run's recorded config (config.json's "config" dict) or a
+    plain namespace; a key it lacks takes ARCHITECTURE_DEFAULTS' value, so a run recorded
+    before the switches existed is rebuilt as it was trained. Training (create_model) and
+    every loader of trained weights (trained.load) rebuild the network through here.
+    """
+    get = settings.get if hasattr(settings, "get") else lambda key, default: getattr(settings, key, default)
+    values = {key: get(key, default) for key, default in ARCHITECTURE_DEFAULTS.items()}
+    return {
+        "activation": str(values["activation"]),
+        "pooling": str(values["pooling"]),
+        "lrn": LRN_CHOICES[values["lrn"]],
+        "dropout_rate": float(values["dropout_rate"]),
+    }
+
+
 def create_model(config: Any, num_classes: int, *, input_scale: str | None = None) -> model_lib.AlexNet:
     """The model a config describes, with every implementation choice resolved here.
 
@@ -68,13 +91,13 @@ def create_model(config: Any, num_classes: int, *, input_scale: str | None = Non
     return model_lib.AlexNet(
         variant=config.model,
         num_classes=num_classes,
-        dropout_rate=config.dropout_rate,
         dtype=DTYPES[config.dtype],
         init_scheme=config.init,
         input_scale=input_scale or resolve_input_scale(config.input_scale, config.model),
         backward_impl=resolve_backward_impl(config.backward_impl),
         group_conv=config.group_conv,
         lrn_precision=config.lrn_precision,
+        **architecture(config),
     )
 
 
@@ -125,6 +148,7 @@ class DeviceAugment:
     image_size: int = flax.struct.field(pytree_node=False, default=224)
     flip: bool = flax.struct.field(pytree_node=False, default=True)
     pca_noise_std: float = flax.struct.field(pytree_node=False, default=0.1)
+    random_crop: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 def train_inputs(batch: dict[str, jax.Array], augment: DeviceAugment | None) -> tuple[jax.Array, jax.Array | None]:
@@ -140,6 +164,7 @@ def train_inputs(batch: dict[str, jax.Array], augment: DeviceAugment | None) -> 
         image_size=augment.image_size,
         flip=augment.flip,
         pca_noise_std=augment.pca_noise_std,
+        random_crop=augment.random_crop,
     )
 
 

@@ -243,6 +243,7 @@ def restore_or_init(
         params = init_params_from(pretrained, state.params, config.model)
         state = state.replace(params=params, opt_state=tx.init(params))
         log.info("initialised from %s", pretrained.path)
+        warn_other_architecture(pretrained, config)
     if resume.step is None and plan.is_primary and (moved := metrics_lib.roll_back(workdir, 0)):
         # A run killed before its first checkpoint starts again from step 0: its records go aside.
         log.info("moved %d metrics.jsonl records of a run with no checkpoint to metrics.rolled_back.jsonl", moved)
@@ -255,6 +256,20 @@ def restore_or_init(
     if plan.is_primary:
         checkpointer.check_free_space(state)
     return parallel.replicate(state)
+
+
+def warn_other_architecture(pretrained: trained.TrainedModel, config: ml_collections.ConfigDict) -> list[str]:
+    """init_from weights trained with other ablation switches (activation, pooling, LRN) fit the
+    same shapes, so they load; say so, since the features they learned were for another network."""
+    mine = steps.architecture(config)
+    changed = [
+        f"{key} {pretrained.architecture[key]!r} -> {mine[key]!r}"
+        for key in ("activation", "pooling", "lrn")
+        if pretrained.architecture[key] != mine[key]
+    ]
+    if changed:
+        log.warning("config.init_from=%s was trained with another network: %s", pretrained.path, ", ".join(changed))
+    return changed
 
 
 def init_params_from(pretrained: trained.TrainedModel, params: Any, variant: str) -> Any:
@@ -303,6 +318,7 @@ def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source
         pca_noise_std=config.pca_noise_std,
         eval_crops=config.eval_crops,
         resize_method=config.resize_method,
+        random_crop=config.random_crop,
     )
     shard = dict(process_index=plan.process_index, process_count=plan.process_count)
     train_batches = registry.train_batches(
@@ -325,7 +341,11 @@ def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source
     augment = None
     if source.train.augments_on_device:
         augment = steps.DeviceAugment(
-            seed=config.seed, image_size=config.image_size, flip=config.random_flip, pca_noise_std=config.pca_noise_std
+            seed=config.seed,
+            image_size=config.image_size,
+            flip=config.random_flip,
+            pca_noise_std=config.pca_noise_std,
+            random_crop=config.random_crop,
         )
     return Inputs(train=train, eval=eval_batches, augment=augment)
 

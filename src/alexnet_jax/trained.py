@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from alexnet_jax import checkpoint, paths, runinfo
+from alexnet_jax import checkpoint, paths, runinfo, steps
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -38,13 +38,17 @@ class TrainedModel:
     eval_crops: int  # the run's config.eval_crops (1 where unknown)
     step: int | None  # the checkpoint's step (None for converted weights)
     run_info: dict[str, Any] | None  # WORKDIR/config.json; None for converted weights
+    # steps.architecture of the recorded config: activation, pooling, LRN and dropout as trained.
+    architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: steps.architecture({}))
 
     def module(self, backward_impl: str = "lax") -> model_lib.AlexNet:
+        """The network as it was trained (train.py builds it with steps.create_model from the same keys)."""
         return model_lib.AlexNet(
             variant=self.variant,
             num_classes=self.num_classes,
             input_scale=self.input_scale,
             backward_impl=backward_impl,
+            **self.architecture,
         )
 
     @property
@@ -92,6 +96,7 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1, flag: str = 
         eval_crops=int(((info or {}).get("config") or {}).get("eval_crops", 1)),
         step=step,
         run_info=info,
+        architecture=steps.architecture((info or {}).get("config") or {}),
     )
 
 

@@ -141,10 +141,19 @@ def train_image(
     flip: bool = True,
     pca_noise_std: float = 0.1,
     resize_method: str = "bilinear",
+    random_crop: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded image -> (uint8 [image_size, image_size, 3] random crop, float32 [3] colour offset)."""
+    """Encoded image -> (uint8 [image_size, image_size, 3] random crop, float32 [3] colour offset).
+
+    random_crop=False takes evaluation's centre window instead (the ablation of section 4.1);
+    the flip and colour draws stay as they were.
+    """
     crop_seed, flip_seed, pca_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    window = random_crop_window(image_shape(image_bytes), crop_seed, image_size, resize_size)
+    shape = image_shape(image_bytes)
+    if random_crop:
+        window = random_crop_window(shape, crop_seed, image_size, resize_size)
+    else:
+        window = center_crop_window(shape, image_size, resize_size)
     image = decode_window(image_bytes, window)  # uint8 [side, side, 3]
     if flip:  # mirroring commutes with the resize; on uint8 it moves a quarter of the bytes
         image = random_flip(image, flip_seed)

@@ -32,6 +32,7 @@ class Augmentation:
     pca_noise_std: float = 0.1
     eval_crops: int = 1
     resize_method: str = "bilinear"  # choices.RESIZE_METHODS
+    random_crop: bool = True  # False: training takes the centre crop
 
 
 def hide_accelerators_from_tf() -> None:
@@ -92,6 +93,7 @@ def train_dataset(
             flip=aug.flip,
             pca_noise_std=aug.pca_noise_std,
             resize_method=aug.resize_method,
+            random_crop=aug.random_crop,
         )
         return {"images": image, "labels": tf.cast(label, tf.int32), "color": color}
 
