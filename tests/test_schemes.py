@@ -201,10 +201,18 @@ def test_dropout_masks_keep_the_rate_and_differ_across_devices_and_steps(variant
     assert alive.sum() > 1000
     rate = dropped.sum() / alive.sum()
     assert 0.45 < rate < 0.55, rate  # the paper's 0.5
-    per_device = [tuple(np.flatnonzero(d)) for d in dropped]
-    assert len(set(per_device)) == dropped.shape[0]  # no two devices drop the same units
-    _, later = _dropout_masks(setup, name, model_axis, step=1)
-    assert not np.array_equal(dropped, later)
+    # Same image everywhere: a mask drawn from one key would agree wherever both devices' units are alive.
+    for i in range(len(dropped)):
+        for j in range(i):
+            assert _agreement(alive[i], dropped[i], alive[j], dropped[j]) < 0.7, (i, j)
+    later_alive, later = _dropout_masks(setup, name, model_axis, step=1)
+    assert _agreement(alive[0], dropped[0], later_alive[0], later[0]) < 0.7
+
+
+def _agreement(alive_a, dropped_a, alive_b, dropped_b):
+    """The share of units alive under both masks that both dropped or both kept (0.5 when independent)."""
+    both = alive_a & alive_b
+    return float(np.mean(dropped_a[both] == dropped_b[both]))
 
 
 def test_checkpoints_move_between_schemes_resume_exactly_and_eval_counts_each_example_once(setups, tmp_path):
