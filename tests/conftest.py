@@ -63,6 +63,15 @@ def child_env(devices=None, **extra):
     return env
 
 
+EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
+
+
+def optional(module: str):
+    """Import an optional package of requirements-extras.txt, or skip saying how to install it
+    (CI installs the extras, so nothing is skipped there)."""
+    return pytest.importorskip(module, reason=f"needs {module}, an optional package: {EXTRAS_INSTALL}")
+
+
 def launch_command(workdir, *overrides, config="demo"):
     """python -u launch.py --config=configs/CONFIG.py --workdir=WORKDIR OVERRIDES...: the real entry point."""
     return [

@@ -6,12 +6,13 @@ import pickle
 import jax
 import numpy as np
 import pytest
+from conftest import optional
 
 from alexnet_jax import convert, predict, preprocess, runinfo, train, trained
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
-torch = pytest.importorskip("torch")
+torch = optional("torch")
 nn = torch.nn
 
 

@@ -186,4 +186,7 @@ def test_plot_curves_several_runs(tmp_path, capsys):
     assert image.shape[0] > 200 and image.shape[1] > 3 * image.shape[0] // 2
     assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 20  # lines were drawn
     assert plot.main([f"--workdir={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    os.makedirs(tmp_path / "untrained")
+    assert plot.main([f"--workdir={tmp_path / 'untrained'}"]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

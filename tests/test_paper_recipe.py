@@ -1,4 +1,4 @@
-"""The paper's recipe, numerically: its forward pass against an independent PyTorch model, its
+"""The paper's recipe, numerically: its forward pass against an independent TensorFlow model, its
 input scale and dropout, and a short run of configs/default.py that must leave chance level."""
 
 import math
@@ -14,59 +14,55 @@ from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import preprocess
 from alexnet_jax.model import AlexNet
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
-
 MEAN_255 = np.array(preprocess.MEAN_RGB, np.float32) * 255.0
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
-def paper_alexnet_in_torch(num_classes):
-    """The paper's network written independently in PyTorch (eval mode: dropout outputs x 0.5).
+def paper_alexnet_in_tensorflow(params, centred, *, lrn_after=(1, 2)):
+    """The paper's network written independently with TensorFlow's own ops, in eval mode
+    (dropout outputs x 0.5), on centred NHWC pixels.
 
-    torch's LocalResponseNorm divides alpha by n; the paper does not: alpha = 5 x 1e-4.
+    TensorFlow's local_response_normalization, unlike torch's and Caffe's, does not divide alpha
+    by n: the paper's alpha = 1e-4 goes in as it is (depth_radius 2 = n 5, bias = k = 2). The two
+    towers are two convolutions over the channel halves, concatenated. lrn_after: the conv layers
+    (1-based) whose ReLU an LRN follows; the paper's are 1 and 2.
     """
+    import tensorflow as tf
 
-    class HalfAtTest(nn.Module):  # the paper's dropout at test time
-        def forward(self, x):
-            return 0.5 * x
+    def conv(x, name, stride, padding, groups=1):
+        kernel, bias = tf.constant(params[name]["kernel"]), tf.constant(params[name]["bias"])
+        x = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+        inputs, kernels = tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1)
+        towers = [tf.nn.conv2d(i, k, strides=stride, padding="VALID") for i, k in zip(inputs, kernels)]
+        return tf.nn.relu(tf.concat(towers, axis=-1) + bias)
 
-    return nn.Sequential(
-        nn.Conv2d(3, 96, 11, stride=4, padding=2),
-        nn.ReLU(),
-        nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2, groups=2),
-        nn.ReLU(),
-        nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(256, 384, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(384, 384, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.AdaptiveAvgPool2d((6, 6)),
-        nn.Flatten(),
-        nn.Linear(256 * 36, 4096),
-        nn.ReLU(),
-        HalfAtTest(),
-        nn.Linear(4096, 4096),
-        nn.ReLU(),
-        HalfAtTest(),
-        nn.Linear(4096, num_classes),
-    ).eval()
+    def lrn(x, index):
+        if index not in lrn_after:
+            return x
+        return tf.nn.local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
 
+    def pool(x):
+        return tf.nn.max_pool2d(x, 3, 2, "VALID")
 
-def _load_into_torch(torch_model, params):
-    layers = [m for m in torch_model if isinstance(m, nn.Conv2d | nn.Linear)]
-    names = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
-    with torch.no_grad():
-        for layer, name in zip(layers, names):
-            kernel = np.asarray(params[name]["kernel"])
-            weight = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T  # HWIO->OIHW, [in,out]->[out,in]
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
-            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+    def dense(x, name):
+        return tf.matmul(x, tf.constant(params[name]["kernel"])) + tf.constant(params[name]["bias"])
+
+    x = tf.constant(centred)
+    x = pool(lrn(conv(x, "conv1", 4, 2), 1))
+    x = pool(lrn(conv(x, "conv2", 1, 2, groups=2), 2))
+    x = conv(x, "conv3", 1, 1)
+    x = conv(x, "conv4", 1, 1, groups=2)
+    x = pool(conv(x, "conv5", 1, 1, groups=2))  # [N, 6, 6, 256] at a 224 input
+    side = x.shape[1]  # adaptive average pooling to 6x6: bins [floor(i*H/6), ceil((i+1)*H/6))
+    bins = [(i * side // 6, -(-(i + 1) * side // 6)) for i in range(6)]
+    rows = [tf.reduce_mean(x[:, a:b], axis=1, keepdims=True) for a, b in bins]
+    x = tf.concat(rows, axis=1)
+    cols = [tf.reduce_mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in bins]
+    x = tf.concat(cols, axis=2)
+    x = tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [x.shape[0], -1])  # flattened as C, H, W
+    x = 0.5 * tf.nn.relu(dense(x, "fc6"))
+    x = 0.5 * tf.nn.relu(dense(x, "fc7"))
+    return dense(x, "fc8").numpy()
 
 
 def _photos(count, size, seed=0):
@@ -99,25 +95,19 @@ def paper_params():
     )
 
 
-def test_paper_forward_pass_matches_an_independent_pytorch_model(paper_params):
+def test_paper_forward_pass_matches_an_independent_tensorflow_model(paper_params):
     pixels = _photos(3, 100)
     net = AlexNet(variant="paper", num_classes=10, input_scale="raw")
     logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(paper_params, pixels))
-    torch_model = paper_alexnet_in_torch(10)
-    _load_into_torch(torch_model, paper_params)
-    centred = (pixels.astype(np.float32) - MEAN_255).transpose(0, 3, 1, 2).copy()  # the paper's input, NCHW
-    with torch.no_grad():
-        expected = torch_model(torch.from_numpy(centred)).numpy()
+    centred = pixels.astype(np.float32) - MEAN_255  # the paper's input
+    expected = paper_alexnet_in_tensorflow(paper_params, centred)
     spread = expected.std(axis=0).mean()  # how much the logits differ between images
     assert spread > 0.01 * np.abs(expected).mean()  # the comparison is about the images, not the biases
     np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4 * spread)
     # Each LRN matters at this input scale: the comparison above would see one missing.
-    for index in (2, 6):
-        without = paper_alexnet_in_torch(10)
-        _load_into_torch(without, paper_params)
-        without[index] = nn.Identity()
-        with torch.no_grad():
-            assert np.abs(without(torch.from_numpy(centred)).numpy() - expected).max() > 100 * 2e-4 * spread
+    for kept in ((2,), (1,)):
+        without = paper_alexnet_in_tensorflow(paper_params, centred, lrn_after=kept)
+        assert np.abs(without - expected).max() > 100 * 2e-4 * spread
 
 
 def test_paper_dropout_follows_the_relu_of_fc6_and_fc7_without_rescaling(paper_params):

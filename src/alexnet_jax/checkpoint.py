@@ -561,16 +561,23 @@ def _host_target(metadata_tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), metadata_tree)
 
 
-def load_converted(directory: str) -> tuple[Any, dict[str, Any]]:
-    """(params as host arrays, model.json) of a converted checkpoint."""
-    import json
+def read_converted_record(directory: str) -> dict[str, Any]:
+    """A converted checkpoint's model.json, checked: UserError when it is unreadable or of another format."""
+    from alexnet_jax import paths
 
-    with open(os.path.join(directory, MODEL_FILE)) as handle:
-        record = json.load(handle)
+    record = paths.read_json(
+        os.path.join(directory, MODEL_FILE), fix="convert the weights again (python -m alexnet_jax.convert)"
+    )
     if record.get("format") != CONVERTED_FORMAT:
         raise UserError(
             f"{directory}/{MODEL_FILE} has format {record.get('format')!r}; this version reads {CONVERTED_FORMAT}"
         )
+    return record
+
+
+def load_converted(directory: str) -> tuple[Any, dict[str, Any]]:
+    """(params as host arrays, model.json) of a converted checkpoint."""
+    record = read_converted_record(directory)
     checkpointer = ocp.StandardCheckpointer()
     params_dir = os.path.join(directory, PARAMS_DIR)
     target = _host_target(checkpointer.metadata(params_dir).item_metadata.tree)
@@ -593,9 +600,7 @@ def load_run_params(workdir: str) -> tuple[Any, dict[str, Any], int]:
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"{directory} holds no finished checkpoint yet")
+        step = _newest_intact_step(directory, manager.all_steps())
         state_tree = manager.item_metadata(step)["state"]
         state_tree = getattr(state_tree, "tree", state_tree)
         target = {"params": _host_target(state_tree["params"])}
@@ -607,6 +612,30 @@ def load_run_params(workdir: str) -> tuple[Any, dict[str, Any], int]:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+    except OSError as error:
+        from alexnet_jax import paths
+
+        raise UserError(f"{directory} cannot be read ({paths.reason(error)}); check its permissions") from None
     finally:
         manager.close()
     return restored["state"]["params"], dict(restored["meta"]), int(step)
+
+
+def _newest_intact_step(directory: str, steps: list[int]) -> int:
+    """The newest finished step whose files match its manifest, for tools that only read a workdir.
+
+    Damaged steps are skipped with a warning (training sets them aside when the run resumes); a
+    step without a manifest is trusted, as training trusts it (saved before manifests existed).
+    """
+    if not steps:
+        raise UserError(f"{directory} holds no finished checkpoint yet; train first, or name another workdir")
+    problems = []
+    for step in sorted(steps, reverse=True):
+        verdict = verify_step(os.path.join(directory, str(step)))
+        if verdict.problem is None:
+            return step
+        log.warning("checkpoint %d in %s is damaged (%s): reading an older one", step, directory, verdict.problem)
+        problems.append(f"{step}: {verdict.problem}")
+    raise UserError(
+        f"every checkpoint in {directory} is damaged ({'; '.join(problems)}); restore the workdir from a copy"
+    )

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import checkpoint, cli, runinfo
+from alexnet_jax import checkpoint, cli, paths, runinfo
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         help="'imagenet2012' (TFDS's synsets, for 1000 classes), a text file with one name a line, or 'none'",
     )
     args = parser.parse_args(argv)
+    paths.readable_file(args.pth, flag="--pth")
+    paths.writable_directory(args.out, flag="--out")
     if os.path.exists(os.path.join(args.out, checkpoint.PARAMS_DIR)):
         raise UserError(
             f"{os.path.join(args.out, checkpoint.PARAMS_DIR)} already exists; choose another --out or delete it"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alexnet_jax import cli, parallel, runinfo, steps, trained
+from alexnet_jax import cli, parallel, paths, runinfo, steps, trained
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
@@ -59,6 +59,7 @@ def evaluate_batches(
 
 def load_run(workdir: str) -> trained.TrainedModel:
     """A run to evaluate: its newest checkpoint, and config.json for where its images are."""
+    workdir = paths.readable_directory(workdir, flag="--workdir")
     if runinfo.read_run_info(workdir) is None:
         raise UserError(
             f"{workdir} has no config.json, so the dataset and input size it was trained with are unknown; "
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         "--write_metrics", action="store_true", help="append the results to the first workdir's metrics.jsonl"
     )
     args = parser.parse_args(argv)
+    if args.out:  # where the results go is checked before the evaluation, not after it
+        paths.writable_directory(os.path.dirname(os.path.abspath(args.out)), flag="--out's directory")
+    if args.write_metrics and args.workdir:
+        paths.writable_directory(args.workdir[0], flag="--workdir (for --write_metrics)")
     record, _ = evaluate(
         args.workdir,
         crops=args.crops,

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from alexnet_jax import cli, predict, runinfo, trained
+from alexnet_jax import cli, paths, predict, runinfo, trained
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out and not args.workdir:
         parser.error("--checkpoint needs --out=PNG")
     out = args.out or os.path.join(args.workdir, NEIGHBORS_FILE)
+    trained.check_path(args.workdir or args.checkpoint, flag="--workdir" if args.workdir else "--checkpoint")
+    paths.writable_directory(os.path.dirname(os.path.abspath(out)), flag="--out's directory")
     rows = run(args)
     from PIL import Image
 
@@ -193,7 +195,9 @@ def run(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
 
     if args.k < 1:
         raise UserError(f"--k={args.k} must be at least 1")
-    classifier = predict.load_classifier(args.workdir or args.checkpoint)
+    classifier = predict.load_classifier(
+        args.workdir or args.checkpoint, flag="--workdir" if args.workdir else "--checkpoint"
+    )
     info = classifier.run_info or {}
     dataset = args.dataset or info.get("dataset")
     if not dataset:

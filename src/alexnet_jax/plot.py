@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", action="append", required=True, help="a run's directory; repeat to compare runs")
     parser.add_argument("--out", default="", help=f"PNG to write (default: FIRST_WORKDIR/{CURVES_FILE})")
     args = parser.parse_args(argv)
-    out = args.out or os.path.join(args.workdir[0], CURVES_FILE)
-    plot_curves(args.workdir, out)
+    workdirs = [paths.readable_directory(workdir, flag="--workdir") for workdir in args.workdir]
+    out = args.out or os.path.join(workdirs[0], CURVES_FILE)
+    paths.writable_directory(os.path.dirname(os.path.abspath(out)), flag="--out's directory")
+    plot_curves(workdirs, out)
     print(f"wrote {out}")
     return 0
 

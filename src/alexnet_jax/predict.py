@@ -26,9 +26,11 @@ from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
 
 
-def load_classifier(path: str, *, image_size: int = -1, resize_size: int = -1) -> trained.TrainedModel:
+def load_classifier(
+    path: str, *, image_size: int = -1, resize_size: int = -1, flag: str = "--workdir"
+) -> trained.TrainedModel:
     """A workdir or converted checkpoint with its params on the default device (trained.load)."""
-    model = trained.load(path, image_size=image_size, resize_size=resize_size)
+    model = trained.load(path, image_size=image_size, resize_size=resize_size, flag=flag)
     return dataclasses.replace(model, params=jax.device_put(model.params))
 
 
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             raise UserError(f"{path} does not exist")
     classifier = load_classifier(
-        args.workdir or args.checkpoint, image_size=args.image_size, resize_size=args.resize_size
+        args.workdir or args.checkpoint,
+        image_size=args.image_size,
+        resize_size=args.resize_size,
+        flag="--workdir" if args.workdir else "--checkpoint",
     )
     results = classify(classifier, args.images, crops=args.crops, top=args.top)
     for path, top in zip(args.images, results):

@@ -31,6 +31,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from alexnet_jax import paths
 from alexnet_jax.errors import UserError
 
 RUN_INFO_FILE = "config.json"
@@ -87,8 +88,8 @@ def read_run_info(workdir: str) -> dict[str, Any] | None:
     path = os.path.join(workdir, RUN_INFO_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        record = json.load(handle)
+    fix = "restore it, or delete it and resume the run with launch.py, which writes it again"
+    record = paths.read_json(path, fix=fix)
     if record.get("format") != RUN_INFO_FORMAT:
         raise UserError(f"{path} has format {record.get('format')!r}; this version reads format {RUN_INFO_FORMAT}")
     return record

@@ -26,6 +26,7 @@ from alexnet_jax import (
     figures,
     optim,
     parallel,
+    paths,
     plot,
     preemption,
     preprocess,
@@ -418,6 +419,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     log.info("devices: %s", parallel.describe())
+    if config.init_from:  # a bad weights path is one line now, not after TensorFlow and the data have loaded
+        trained.check_path(config.init_from, flag="config.init_from")
     lock = lock_workdir(workdir)  # before anything is written there
     try:
         # TensorFlow (seconds to load on a small machine) only once the settings and the workdir are known good.
@@ -429,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
     """One writer per workdir: process 0 takes the lock for the job; every process learns if it could not."""
+    workdir = paths.writable_directory(workdir, flag="--workdir")
     lock = workdir_lock.WorkdirLock(workdir, process_index=jax.process_index())
     error = None
     try:
@@ -452,7 +456,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     source = sources.open_source_from_config(config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
-    pretrained = trained.load(config.init_from) if config.init_from and resume.step is None else None
+    pretrained = None
+    if config.init_from and resume.step is None:
+        pretrained = trained.load(config.init_from, flag="config.init_from")
     plan = plan_run(config, source, previous_info=resume.info, pretrained=pretrained)
     if resume.meta is not None:  # another model in this workdir is refused before anything compiles
         checkpoint_lib.check_compatible(resume.meta, plan.model_meta(config), checkpointer.directory)

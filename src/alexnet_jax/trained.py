@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
-from alexnet_jax import checkpoint, runinfo
+from alexnet_jax import checkpoint, paths, runinfo
 from alexnet_jax import model as model_lib
 from alexnet_jax.errors import UserError
 
@@ -59,13 +58,14 @@ class TrainedModel:
         return dict(image_size=self.image_size, resize_size=self.resize_size, resize_method=self.resize_method)
 
 
-def load(path: str, *, image_size: int = -1, resize_size: int = -1) -> TrainedModel:
+def load(path: str, *, image_size: int = -1, resize_size: int = -1, flag: str = "--workdir") -> TrainedModel:
     """A run's workdir (its newest checkpoint's params) or a converted checkpoint.
 
     image_size / resize_size: -1 = as trained; a record without them gets 224 and
-    the paper's 256/224 ratio, with a warning.
+    the paper's 256/224 ratio, with a warning. flag: how the user named `path`
+    (--workdir, --checkpoint, config.init_from), for the one-line errors.
     """
-    path = os.path.abspath(os.path.expanduser(path))
+    path = check_path(path, flag=flag)
     if checkpoint.is_converted(path):
         params, record = checkpoint.load_converted(path)
         info, step = None, None
@@ -73,11 +73,8 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1) -> TrainedMo
         params, record, step = checkpoint.load_run_params(path)
         info = runinfo.read_run_info(path)
         record = {**record, **runinfo.model_record(info)}
-    else:
-        raise UserError(
-            f"{path} is neither a converted checkpoint (with {checkpoint.MODEL_FILE}) nor a run's workdir "
-            "(with checkpoints/); make one with python -m alexnet_jax.convert --pth=FILE --out=DIR"
-        )
+    else:  # check_path has refused it
+        raise AssertionError(path)
     image_size, resize_size = _sizes(path, record, image_size, resize_size)
     num_classes = int(record.get("num_classes") or params["fc8"]["bias"].shape[0])
     if not record.get("class_names"):
@@ -96,6 +93,25 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1) -> TrainedMo
         step=step,
         run_info=info,
     )
+
+
+def check_path(path: str, *, flag: str = "--workdir") -> str:
+    """Cheap checks of a weights path, before anything is loaded: a readable directory holding a
+    converted checkpoint or a run, whose record file (model.json / config.json) is sound JSON.
+
+    Returns the absolute path; the problems are UserErrors naming `flag`.
+    """
+    path = paths.readable_directory(path, flag=flag)
+    if checkpoint.is_converted(path):
+        checkpoint.read_converted_record(path)
+    elif checkpoint.is_workdir(path):
+        runinfo.read_run_info(path)
+    else:
+        raise UserError(
+            f"{flag}={path} is neither a converted checkpoint (with {checkpoint.MODEL_FILE}) nor a run's workdir "
+            "(with checkpoints/); make one with python -m alexnet_jax.convert --pth=FILE --out=DIR"
+        )
+    return path
 
 
 def _sizes(path: str, record: dict[str, Any], image_size: int, resize_size: int) -> tuple[int, int]:

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_jax import paths
 from alexnet_jax.data import packed
 from alexnet_jax.errors import UserError
 
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         if not args.out:
             raise UserError("pass --out=DIR, a new directory for the pack")
+        paths.writable_directory(os.path.dirname(os.path.abspath(args.out)), flag="--out's directory")
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
         manifest = write_packed(

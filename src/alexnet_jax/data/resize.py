@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger("alexnet_jax.data")
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
     if not args.out:
         raise UserError("pass --out=DST, a new directory for the resized copy")
+    paths.writable_directory(os.path.dirname(os.path.abspath(args.out)), flag="--out's directory")
     record = write_resized(
         args.data_dir,
         args.out,
