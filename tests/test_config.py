@@ -82,3 +82,31 @@ def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_
         train._input_scale(config, None, pretrained("standardized"))
     config.model, config.input_scale = "torchvision", "auto"
     assert train._input_scale(config, None, None) == "standardized"
+
+
+@pytest.mark.parametrize(
+    "settings, devices, processes, expected",
+    [
+        ({"parallelism": "towers", "model": "torchvision"}, 8, 1, "use --config.model=paper"),
+        ({"parallelism": "towers", "model_axis": 4}, 8, 1, "use --config.model_axis=2"),
+        ({"parallelism": "weird_trick", "model_axis": 3}, 8, 1, "does not divide the 8 devices"),
+        ({"parallelism": "towers"}, 4, 4, "a tower pair must share a host"),
+        ({"parallelism": "weird_trick", "model_axis": 8, "num_classes": 100}, 8, 1, "fc8 is split by classes"),
+        ({"parallelism": "data", "batch_size": 12}, 8, 1, "config.batch_size=12 is not divisible by the 8"),
+        ({"parallelism": "shard_map"}, 8, 2, "use 'data' (or 'pmap')"),
+    ],
+)
+def test_mesh_settings_are_refused_before_anything_compiles(settings, devices, processes, expected):
+    config = config_lib.base_config()
+    config.update(settings)
+    with pytest.raises(UserError, match="config.") as error:
+        config_lib.validate(config, device_count=devices, process_count=processes)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_class_count_from_the_dataset_must_split_like_fc8():
+    config = config_lib.base_config()
+    config.update({"parallelism": "weird_trick", "model_axis": 4})
+    config_lib.validate_num_classes(config, 1000, "imagenet2012")
+    with pytest.raises(UserError, match="demo_digits has 10 classes, which config.model_axis=4 does not divide"):
+        config_lib.validate_num_classes(config, 10, "demo_digits")

@@ -114,3 +114,12 @@ def test_dropout_only_in_training_and_from_the_dropout_stream():
 def test_flops_match_torchvision_reference():
     # 0.714 GFLOPs (multiply-adds) forward at 224: x2 for FLOPs, x3 for training.
     assert model_lib.train_flops_per_image("torchvision", 224) / 6 == pytest.approx(0.714e9, rel=0.01)
+
+
+def test_lrn_stays_within_each_tower():
+    """The paper's GPUs normalised their own maps: with groups=2 each half is normalised alone."""
+    a = np.random.default_rng(3).uniform(0, 30, size=(2, 3, 3, 12)).astype(np.float32)
+    got = np.asarray(model_lib.local_response_norm(jnp.asarray(a), groups=2))
+    halves = [_lrn_by_formula(h.astype(np.float64)) for h in np.split(a, 2, axis=-1)]
+    np.testing.assert_allclose(got, np.concatenate(halves, axis=-1), rtol=1e-5)
+    assert not np.allclose(got, np.asarray(model_lib.local_response_norm(jnp.asarray(a))), rtol=1e-5)

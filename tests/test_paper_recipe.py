@@ -24,8 +24,9 @@ def paper_alexnet_in_tensorflow(params, centred, *, lrn_after=(1, 2)):
 
     TensorFlow's local_response_normalization, unlike torch's and Caffe's, does not divide alpha
     by n: the paper's alpha = 1e-4 goes in as it is (depth_radius 2 = n 5, bias = k = 2). The two
-    towers are two convolutions over the channel halves, concatenated. lrn_after: the conv layers
-    (1-based) whose ReLU an LRN follows; the paper's are 1 and 2.
+    towers are two convolutions over the channel halves, concatenated, and each tower normalises
+    its own maps (as each of the paper's GPUs did). lrn_after: the conv layers (1-based) whose ReLU
+    an LRN follows; the paper's are 1 and 2.
     """
     import tensorflow as tf
 
@@ -39,7 +40,11 @@ def paper_alexnet_in_tensorflow(params, centred, *, lrn_after=(1, 2)):
     def lrn(x, index):
         if index not in lrn_after:
             return x
-        return tf.nn.local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
+        towers = [
+            tf.nn.local_response_normalization(half, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
+            for half in tf.split(x, 2, axis=-1)
+        ]
+        return tf.concat(towers, axis=-1)
 
     def pool(x):
         return tf.nn.max_pool2d(x, 3, 2, "VALID")

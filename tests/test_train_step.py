@@ -208,17 +208,20 @@ def test_top_k_counts_ties_for_the_label(k):
 
 
 def test_shard_map_path_gives_the_pmap_update_on_eight_devices(with_dropout):
+    from alexnet_jax import schemes
+
     model, tx, schedule, state = with_dropout  # dropout on: the keys must match too
-    batch = parallel.shard_to_devices(_per_device(_batch(16, seed=3), 8))
+    host = {**_batch(16, seed=3), "mask": np.ones(16, np.int32)}
     rng = jax.random.key(7)
     results = {}
     for parallelism in ("pmap", "shard_map"):
-        p_train, p_eval = steps.make_steps(model, tx, schedule, parallelism)
-        start = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state))  # the step donates it
+        scheme = schemes.make_scheme(parallelism, variant=model.variant)
+        p_train, p_eval = scheme.make_steps(model, tx, schedule)
+        start = scheme.place_state(jax.tree_util.tree_map(jnp.copy, state))  # the step donates it
+        batch = scheme.place_batch(host)
         new_state, metrics = p_train(start, batch, rng)
-        mask = parallel.shard_to_devices({"m": np.ones((8, 2), np.int32)})["m"]
-        sums, probs = p_eval((new_state.params,), {**batch, "mask": mask})
-        assert probs.shape == (8, 2, NUM_CLASSES)
+        sums, probs = p_eval((new_state.params,), batch)
+        assert probs.reshape((-1, NUM_CLASSES)).shape == (16, NUM_CLASSES)
         results[parallelism] = (jax.device_get(new_state), jax.device_get(metrics), jax.device_get(sums))
     (state_p, metrics_p, sums_p), (state_s, metrics_s, sums_s) = results["pmap"], results["shard_map"]
     assert int(state_s.step) == 1

@@ -63,7 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Optimisation.
     config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
     config.lars_trust_coefficient = 0.001
-    config.parallelism = "pmap"  # "pmap" or "shard_map" (jax.jit(jax.shard_map(...)) over a mesh)
+    # Parallelism (README, Parallelism): how the step is placed on the devices. "pmap" or
+    # "shard_map" (the whole network on every local device), "data" (jit on a global mesh,
+    # multi-host), "towers" (the paper's two GPUs) or "weird_trick" (data-parallel convs,
+    # model-parallel FC layers).
+    config.parallelism = "pmap"
+    config.model_axis = 2  # towers / weird_trick: devices on the mesh's model axis; the data axis takes the rest
     config.batch_size = 128  # global, over all devices and processes
     config.eval_batch_size = -1  # -1 = batch_size
     config.learning_rate = 0.01
@@ -130,9 +135,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
             raise UserError(f"config.{key}={config[key]!r} {what}; use {listed}")
     if config.parallelism == "shard_map" and process_count > 1:
         raise UserError(
-            "config.parallelism='shard_map' runs in a single process so far; use 'pmap' for multi-process runs"
+            "config.parallelism='shard_map' runs in a single process; use 'data' (or 'pmap') for multi-process runs"
         )
     profiling.parse_steps(config.profile_steps)  # a UserError naming the format
+    _validate_mesh(config, device_count, process_count)
     _validate_sizes(config)
     _validate_counts(config, device_count)
     if config.lrn == "on" and config.model != "paper":
@@ -145,6 +151,41 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         )
     if config.dataset == "packed" and not config.data_dir:
         raise UserError("config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack")
+
+
+def _validate_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
+    """The model-parallel schemes: the variant, the mesh against the devices, the split layers' widths."""
+    scheme, size = config.parallelism, config.model_axis
+    if scheme not in ("towers", "weird_trick"):
+        return
+    if scheme == "towers" and config.model != "paper":
+        raise UserError("config.parallelism='towers' splits the paper's two towers; use --config.model=paper")
+    if scheme == "towers" and size != 2:
+        raise UserError(f"config.model_axis={size}: the paper has two towers; use --config.model_axis=2 for towers")
+    if size < 1 or device_count % size:
+        raise UserError(
+            f"config.model_axis={size} does not divide the {device_count} devices of this run; use a divisor of "
+            f"{device_count}"
+        )
+    if scheme == "towers" and (device_count // process_count) % size:
+        raise UserError(
+            f"config.model_axis={size} is more than one process's {device_count // process_count} devices: a "
+            "tower pair must share a host; use parallelism='weird_trick' or more devices per process"
+        )
+    if scheme == "weird_trick" and (4096 % size or (config.num_classes > 0 and config.num_classes % size)):
+        raise UserError(
+            f"config.model_axis={size} must divide fc6/fc7's 4096 units and the {config.num_classes} classes "
+            "(fc8 is split by classes); use a power of two that divides both"
+        )
+
+
+def validate_num_classes(config: ml_collections.ConfigDict, num_classes: int, dataset: str) -> None:
+    """The class count taken from the dataset (num_classes=-1) must split as the scheme splits fc8."""
+    if config.parallelism == "weird_trick" and num_classes % config.model_axis:
+        raise UserError(
+            f"{dataset} has {num_classes} classes, which config.model_axis={config.model_axis} does not divide "
+            "(weird_trick splits fc8 by classes); set config.num_classes to a multiple, or another model_axis"
+        )
 
 
 def _validate_sizes(config: ml_collections.ConfigDict) -> None:

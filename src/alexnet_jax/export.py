@@ -17,7 +17,7 @@ carry the class names and the preprocessing (metadata()).
 
 Each file is checked before it is written: onnxruntime (or torchvision) runs it on
 probe images and must give our logits to PARITY_TOLERANCE of their scale. Needs
-the `export` extra (pip install 'alexnet_jax[export]').
+requirements-extras.txt (pip install -r requirements-extras.txt).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ so the benchmark and the train step run on machines without TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -56,6 +58,9 @@ _GROUPS = {
     "paper": (1, 2, 1, 2, 2),
     "torchvision": (1, 1, 1, 1, 1),
 }
+# The paper's towers: conv1..conv5 each hold this many halves ("GPUs"), and the LRN runs
+# within a tower's maps, as on the paper's two GPUs (cuda-convnet normalised per GPU).
+TOWERS = {"paper": 2, "torchvision": 1}
 # Layers whose bias the paper initialises to 1 (to give ReLUs positive inputs early on).
 _PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
@@ -124,11 +129,15 @@ def local_response_norm(
     n: int = 5,
     alpha: float = 1e-4,
     beta: float = 0.75,
+    groups: int = 1,
     precision: str = "highest",
 ) -> jax.Array:
     """The paper's LRN across channels: b_i = a_i / (k + alpha * sum_j a_j^2) ** beta.
 
-    The sum runs over the n channels centred on i (clipped at the edges). Note the
+    The sum runs over the n channels centred on i (clipped at the edges, and at the
+    edges of each of `groups` equal channel groups: the paper's towers, whose GPUs
+    normalised only their own maps, so a tower on a device of its own needs nothing
+    from the other). Note the
     paper's alpha is not divided by n (Caffe and PyTorch divide it). The windowed
     sum is a single matmul with a banded 0/1 matrix, which XLA fuses well on every
     backend and which differentiates cheaply. Computed in float32 for stability;
@@ -136,7 +145,8 @@ def local_response_norm(
     """
     channels = x.shape[-1]
     idx = np.arange(channels)
-    band = (np.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(np.float32)  # [C, C]
+    same_group = (idx[:, None] * groups // channels) == (idx[None, :] * groups // channels)
+    band = ((np.abs(idx[:, None] - idx[None, :]) <= n // 2) & same_group).astype(np.float32)  # [C, C]
     x32 = x.astype(jnp.float32)
     window_sum = jnp.einsum("...c,cd->...d", x32 * x32, band, precision=_LAX_PRECISION[precision])
     return (x32 * (k + alpha * window_sum) ** -beta).astype(x.dtype)
@@ -233,6 +243,55 @@ class PaperDropout(nn.Module):
         return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
+FC_INPUTS = ("features", "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What share of each layer one device holds, in the model's own terms: injected by the caller.
+
+    The model knows no mesh. Whoever places it (schemes.py) says how many devices share
+    the paper's towers and the FC layers, and hands in `join` (the pieces of an
+    activation that the devices sharing a layer hold, concatenated along `dim` in device
+    order: an all-gather over its model axis) and `own` (this device's piece of an
+    activation along `dim`). The default holds the whole network on every device.
+    Parameters of a shared layer are slices of the whole layer's (logical_axes says which
+    dimension), so every layout trains the same logical network.
+
+    towers: devices sharing each conv layer, one of the paper's towers each (1 or 2).
+    fc_shards: devices sharing fc6 and fc7 by units (and fc8 by classes, if split_classes).
+    fc_input: how fc6's input arrives on those devices: "features" (each holds its towers'
+      maps) or "batch" (each its own examples: the convs ran data-parallel, the weird trick).
+    """
+
+    towers: int = 1
+    fc_shards: int = 1
+    fc_input: str = "features"
+    split_classes: bool = False
+    join: Callable[[jax.Array, int], jax.Array] | None = None
+    own: Callable[[jax.Array, int], jax.Array] | None = None
+
+
+def logical_axes(variant: str, params: Any) -> Any:
+    """Per parameter, a tuple naming each dimension that may split across devices, or None.
+
+    "towers": a conv layer's output maps (kernel [kh, kw, in, out], bias [out]); a tower's
+    kernel is a slice of the grouped kernel (conv2's [5, 5, 48, 256]: tower t holds
+    [..., 128t:128(t+1)], which sees input maps 48t:48(t+1)). Only the paper has towers.
+    "units": fc6's and fc7's output units. "classes": fc8's outputs.
+    """
+
+    def axes(path, leaf):
+        layer = path[0].key
+        if layer.startswith("conv"):
+            last = "towers" if TOWERS[variant] > 1 else None
+        else:
+            last = "classes" if layer == "fc8" else "units"
+        return (None,) * (np.ndim(leaf) - 1) + (last,)
+
+    return jax.tree_util.tree_map_with_path(axes, params)
+
+
 class AlexNet(nn.Module):
     """AlexNet returning logits for NHWC images: uint8 RGB pixels, or model-ready floats.
 
@@ -252,6 +311,7 @@ class AlexNet(nn.Module):
     activation, pooling, lrn: the paper's ablations (ACTIVATIONS, POOLINGS; lrn None =
       the variant's own: after conv1 and conv2 for the paper, none for torchvision).
       None of them changes a parameter's shape.
+    layout: the share of each layer this device holds (Layout); the default is all of it.
     """
 
     variant: str = "paper"
@@ -266,6 +326,7 @@ class AlexNet(nn.Module):
     activation: str = "relu"
     pooling: str = "overlapping"
     lrn: bool | None = None
+    layout: Layout = Layout()
 
     def _check(self, images: jax.Array) -> None:
         for name, value, allowed in (
@@ -282,6 +343,8 @@ class AlexNet(nn.Module):
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.lrn and self.variant != "paper":
             raise ValueError(f"the {self.variant} variant has no LRN; use lrn=None or False")
+        if self.layout.towers not in {1, TOWERS[self.variant]} or self.layout.fc_input not in FC_INPUTS:
+            raise ValueError(f"layout {self.layout} does not fit the {self.variant} variant")
         if _final_map_size(min(images.shape[1:3])) < 1:
             raise ValueError(
                 f"images of {images.shape[1]}x{images.shape[2]} are too small for AlexNet: "
@@ -295,16 +358,28 @@ class AlexNet(nn.Module):
         # uint8 pixels are scaled here (preprocess.py); floats are taken as model-ready.
         x = preprocess.model_input(images, input_scale=self.input_scale).astype(self.dtype)  # [N, S, S, 3]
         x = self._features(x, lrn=paper if self.lrn is None else self.lrn)  # [N, 6, 6, C5]
-        # Flatten in torchvision's C,H,W order so converted weights line up.
+        # Flatten in torchvision's C,H,W order so converted weights line up (and the towers'
+        # maps, channels-major, join along the flat features in the same order).
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # [N, C5*36]
+        layout = self.layout
+        join_dim = 0 if layout.fc_input == "batch" else 1  # what fc6's input is split by
         for name, width in (("fc6", _WIDTHS[self.variant][5]), ("fc7", _WIDTHS[self.variant][6])):
             if paper:  # fc -> ReLU -> dropout (the paper; Caffe's fc6, relu6, drop6)
-                x = self._act(self._dense(width, name)(x))
+                x = self._join_fc(x, join_dim)
+                x = self._act(self._dense(width // layout.fc_shards, name)(x))
                 x = PaperDropout(self.dropout_rate, name=f"drop_{name}")(x, train=train)
-            else:  # dropout -> fc -> ReLU (torchvision's classifier)
+            else:  # dropout -> fc -> ReLU (torchvision's classifier); dropped where the input is split
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-                x = self._act(self._dense(width, name)(x))
-        logits = self._dense(self.num_classes, "fc8")(x)
+                x = self._join_fc(x, join_dim)
+                x = self._act(self._dense(width // layout.fc_shards, name)(x))
+            join_dim = 1  # fc7's and fc8's inputs are split by units
+        x = self._join_fc(x, 1)  # [N', 4096]
+        split = layout.fc_shards if layout.split_classes else 1
+        logits = self._dense(self.num_classes // split, "fc8")(x)
+        if split > 1:
+            logits = layout.join(logits, 1)
+        if layout.fc_shards > 1 and layout.fc_input == "batch":
+            logits = layout.own(logits, 0)  # this device's own examples again
         return logits.astype(jnp.float32)  # [N, num_classes]
 
     def _features(self, x: jax.Array, *, lrn: bool) -> jax.Array:
@@ -315,15 +390,21 @@ class AlexNet(nn.Module):
         if self.group_conv == "split":
             conv_op = functools.partial(split_grouped_conv, conv=conv_op)
         norm = functools.partial(local_response_norm, precision=self.lrn_precision)
+        split = self.layout.towers  # devices sharing each conv layer, a tower each
+        towers_here = TOWERS[self.variant] // split
+        split = self.layout.towers  # devices sharing each conv layer, a tower each
+        towers_here = TOWERS[self.variant] // split
 
         def conv(x, index, kernel, stride, padding):
             name = f"conv{index + 1}"
+            if split > 1 and index > 0 and groups[index] == 1:
+                x = self.layout.join(x, 3)  # conv3 sees every tower's maps: where the paper's GPUs talked
             return nn.Conv(
-                widths[index],
+                widths[index] // split,
                 (kernel, kernel),
                 strides=(stride, stride),
                 padding=((padding, padding), (padding, padding)),
-                feature_group_count=groups[index],
+                feature_group_count=max(1, groups[index] // split),
                 conv_general_dilated=conv_op,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
@@ -337,11 +418,11 @@ class AlexNet(nn.Module):
         act = self._act
         x = act(conv(x, 0, 11, 4, 2))  # [N, 55, 55, C1] at S=224
         if lrn:
-            x = norm(x)
+            x = norm(x, groups=towers_here)
         x = pool(x)  # [N, 27, 27, C1]
         x = act(conv(x, 1, 5, 1, 2))
         if lrn:
-            x = norm(x)
+            x = norm(x, groups=towers_here)
         x = pool(x)  # [N, 13, 13, C2]
         x = act(conv(x, 2, 3, 1, 1))
         x = act(conv(x, 3, 3, 1, 1))
@@ -352,6 +433,9 @@ class AlexNet(nn.Module):
     def _act(self, x: jax.Array) -> jax.Array:
         """The hidden units' nonlinearity (every conv and hidden FC layer)."""
         return nn.relu(x) if self.activation == "relu" else jnp.tanh(x)
+
+    def _join_fc(self, x: jax.Array, dim: int) -> jax.Array:
+        return x if self.layout.fc_shards == 1 else self.layout.join(x, dim)
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(

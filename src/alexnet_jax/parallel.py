@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -29,17 +30,24 @@ def shard_to_devices(batch: dict[str, np.ndarray], mesh: Mesh | None = None) -> 
     return {key: jax.device_put(value, sharding) for key, value in batch.items()}
 
 
-def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator[dict[str, jax.Array]]:
-    """Keep `size` batches in flight to the devices while the step runs (transfers are async)."""
-    mesh = local_mesh()
+def prefetch_to_device(
+    batches: Iterable[dict[str, np.ndarray]], size: int = 2, place: Callable | None = None
+) -> Iterator[dict[str, jax.Array]]:
+    """Keep `size` batches in flight to the devices while the step runs (transfers are async).
+
+    place: host batch -> device batch (a scheme's place_batch); default: shard_to_devices
+    of [local_devices, per_device, ...] batches, as pmap takes them.
+    """
+    if place is None:
+        place = functools.partial(shard_to_devices, mesh=local_mesh())
     queue: collections.deque = collections.deque()
     iterator = iter(batches)
     for batch in itertools.islice(iterator, size):
-        queue.append(shard_to_devices(batch, mesh))
+        queue.append(place(batch))
     while queue:
         yield queue.popleft()
         for batch in itertools.islice(iterator, 1):
-            queue.append(shard_to_devices(batch, mesh))
+            queue.append(place(batch))
 
 
 def describe() -> str:
@@ -123,6 +131,8 @@ def to_global(tree):
     global_sharding = _replicated(Mesh(np.array(jax.devices()), (AXIS,)))
 
     def convert(leaf):
+        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) == jax.device_count():
+            return leaf  # global already (a mesh scheme's state)
         leaf = jax.device_put(leaf, local)  # a no-op for the step's outputs
         shards = [shard.data for shard in leaf.addressable_shards]
         return jax.make_array_from_single_device_arrays(leaf.shape, global_sharding, shards)
@@ -137,3 +147,22 @@ def replicate(tree):
     processes it is also required for the step to donate the old state's buffers.
     """
     return jax.device_put(tree, _replicated(local_mesh()))
+
+
+def host_copy(tree):
+    """numpy copies of a tree of device arrays, also of global arrays that span other processes.
+
+    A replicated array is read from a local shard. One split across processes is
+    gathered, which is a collective: then every process must make the same call.
+    """
+
+    def fetch(leaf):
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            return np.asarray(jax.device_get(leaf))
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    return jax.tree_util.tree_map(fetch, tree)

@@ -2,15 +2,17 @@
 
 Pure JAX/Flax/optax: no TensorFlow and no ml_collections, so the benchmark runs the
 very same step on GPU machines that have neither. The steps are pure functions bound
-with functools.partial and pmap'ed (or shard_map'ed) over the local devices with axis
-name "batch". The state goes in unreplicated (in_axes=None) and is kept identical on
-every device with lax.pmean, so what comes back is one state, not one per device.
+with functools.partial; how they are placed on devices (pmap, or jit with shard_map on
+a mesh) is a parallelism scheme's business (schemes.py), never a copy of the step.
+Under pmap the state goes in unreplicated (in_axes=None) and is kept identical on every
+device by reducing the gradients, so what comes back is one state, not one per device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -31,7 +33,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # fast backward convolutions of its own).
 BACKWARD_IMPL_CHOICES = ("auto", *model_lib.BACKWARD_IMPLS)
 INPUT_SCALE_CHOICES = ("auto", *preprocess.INPUT_SCALES)
-PARALLELISMS = ("pmap", "shard_map")
 # config.prng_impl: the key implementation of the dropout random bits (JAX's names in
 # the values). "threefry" is JAX's default and what runs before the option used;
 # "rbg" and "unsafe_rbg" draw bits with XLA's RngBitGenerator, faster on accelerators.
@@ -43,6 +44,9 @@ PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rb
 # config.lrn: "auto" = the variant's own (after conv1 and conv2 for the paper, none for torchvision).
 LRN_CHOICES = {"auto": None, "on": True, "off": False}
 ARCHITECTURE_DEFAULTS = {"activation": "relu", "pooling": "overlapping", "lrn": "auto", "dropout_rate": 0.5}
+# config.parallelism: "pmap" and "shard_map" place the whole network on every local device;
+# "data", "towers" and "weird_trick" place it on a mesh of all devices (schemes.py).
+PARALLELISMS = ("pmap", "shard_map", "data", "towers", "weird_trick")
 
 
 @flax.struct.dataclass
@@ -130,9 +134,60 @@ def dropout_root_key(seed: int, prng_impl: str = "threefry") -> jax.Array:
     return jax.random.split(jax.random.key(seed, impl=PRNG_IMPLS[prng_impl]))[1]
 
 
-def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
-    """A key of its own for every device and step (call inside pmap): (seed, step, device)."""
-    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+    """Where the step's collectives go, seen from one device (inside pmap or shard_map).
+
+    device_axes: every mapped axis (pmap's one, or the mesh's); metrics are averaged
+      over them and a device's dropout key folds in its position on them.
+    example_axes: the axes whose devices hold different examples (on the rest they see
+      the same ones, as the paper's two GPUs did); evaluation sums run over these only.
+    axis_sizes: the size of each device axis (None: read from the running pmap).
+    grad_axes: per parameter, the axes it is replicated on, whose devices' gradients
+      are summed (None: all device axes, every parameter whole on every device).
+    """
+
+    device_axes: tuple[str, ...] = (AXIS,)
+    example_axes: tuple[str, ...] = (AXIS,)
+    axis_sizes: tuple[int, ...] | None = None
+    grad_axes: Any = None
+
+    def device_count(self) -> jax.Array | int:
+        if self.axis_sizes is None:
+            return lax.psum(1, self.device_axes)
+        return int(np.prod(self.axis_sizes))
+
+    def device_index(self) -> jax.Array:
+        """This device's position over all device axes, row-major."""
+        index = lax.axis_index(self.device_axes[0])
+        for axis, size in zip(self.device_axes[1:], (self.axis_sizes or ())[1:]):
+            index = index * size + lax.axis_index(axis)
+        return index
+
+    def reduce_grads(self, grads: Any) -> Any:
+        """The gradient of the mean loss over all devices, from this device's gradient of its own.
+
+        A parameter replicated on some axes is summed over them; the rest of its
+        gradient arrived through the transposes of the model's all-gathers already.
+        """
+        count = self.device_count()
+        if self.grad_axes is None:
+            return jax.tree_util.tree_map(lambda g: lax.psum(g, self.device_axes) / count, grads)
+        return jax.tree_util.tree_map(
+            lambda g, axes: (lax.psum(g, tuple(axes)) if axes else g) / count,
+            grads,
+            self.grad_axes,
+            is_leaf=lambda leaf: isinstance(leaf, GradAxes),
+        )
+
+
+class GradAxes(tuple):
+    """The axes one parameter's gradient is summed over (a leaf in a tree of them)."""
+
+
+def dropout_key(rng: jax.Array, step: jax.Array, collectives: Collectives = Collectives()) -> jax.Array:
+    """A key of its own for every device and step (call inside pmap or shard_map): (seed, step, device)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), collectives.device_index())
 
 
 @flax.struct.dataclass
@@ -240,30 +295,59 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     augment: DeviceAugment | None = None,
+    per_device: Callable | None = None,
     grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD update from one device's slice of the batch; runs under pmap.
+    """One SGD update: gradients per device, then the optimizer on the (possibly sharded) state.
 
+    per_device: how the device-level part (device_gradients) is placed: None when this
+    whole step already runs per device under pmap; a scheme's shard_map otherwise, with
+    the optimizer then applied under jit to arrays laid out as the scheme says (so
+    LARS's per-layer norms and grad_norm see whole layers, however they are split).
     batch: {'images': [per_device_batch, S, S, 3] uint8 pixels (or model-ready floats),
     'labels': [per_device_batch], optionally 'color': [per_device_batch, 3] PCA colour
     offsets, or 'example_ids' for packed images that the step augments (DeviceAugment)}.
     grad_accum_steps > 1: the gradients come from that many micro-batches of the slice in
     turn (accumulated_gradients): the same update, less memory.
     """
-    dropout_rng = dropout_key(rng, state.step)
-    grads, metrics = accumulated_gradients(
-        state.params, batch, dropout_rng, model=model, augment=augment, micro_batches=grad_accum_steps
+    gradients = per_device or functools.partial(
+        device_gradients, model=model, augment=augment, grad_accum_steps=grad_accum_steps
     )
-    grads = lax.pmean(grads, AXIS)
+    grads, metrics = gradients(state.params, state.step, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    metrics = lax.pmean(metrics, AXIS)
+    metrics = dict(metrics)
     metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def device_gradients(
+    params: Any,
+    step: jax.Array,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: model_lib.AlexNet,
+    augment: DeviceAugment | None = None,
+    collectives: Collectives = Collectives(),
+    grad_accum_steps: int = 1,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """One device's part of a step: the gradient of the mean loss over all devices, and the metrics.
+
+    params are this device's share (whole, or its slices under model parallelism, which
+    `model`'s Layout matches); the batch is its own examples, taken in grad_accum_steps
+    micro-batches (accumulated_gradients) whatever the placement.
+    """
+    dropout_rng = dropout_key(rng, step, collectives)
+    grads, metrics = accumulated_gradients(
+        params, batch, dropout_rng, model=model, augment=augment, micro_batches=grad_accum_steps
+    )
+    grads = collectives.reduce_grads(grads)
+    return grads, lax.pmean(metrics, collectives.device_axes)
 
 
 def example_probabilities(params: Any, images: jax.Array, *, model: model_lib.AlexNet) -> jax.Array:
@@ -276,16 +360,21 @@ def example_probabilities(params: Any, images: jax.Array, *, model: model_lib.Al
 
 
 def eval_step(
-    params: Sequence[Any], batch: dict[str, jax.Array], *, models: Sequence[model_lib.AlexNet]
+    params: Sequence[Any],
+    batch: dict[str, jax.Array],
+    *,
+    models: Sequence[model_lib.AlexNet],
+    collectives: Collectives = Collectives(),
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Masked sums over all devices, and this device's probabilities; runs under pmap.
+    """Masked sums over all devices, and this device's probabilities; runs per device (pmap, shard_map).
 
     One model, or several (the paper's ensemble): their per-example softmax is averaged
-    before the loss and the top-k. Padding (mask 0) counts nowhere.
+    before the loss and the top-k. Padding (mask 0) counts nowhere, and examples that
+    several devices share (the towers' model axis) count once.
     """
     probs = sum(example_probabilities(p, batch["images"], model=m) for p, m in zip(params, models)) / len(models)
     sums = metrics_lib.masked_sums(probs, batch["labels"], batch["mask"])
-    return lax.psum(sums, AXIS), probs
+    return lax.psum(sums, collectives.example_axes), probs
 
 
 def make_steps(
@@ -296,56 +385,19 @@ def make_steps(
     augment: DeviceAugment | None = None,
     grad_accum_steps: int = 1,
 ):
-    """The train and eval steps over the local devices; the train step donates the old state.
+    """The train and eval steps of a one-axis scheme ("pmap" or "shard_map") over the local devices.
 
-    train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs),
-    batches as [local_devices, per_device, ...].
+    train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs).
+    Schemes with a model axis are built by schemes.make_scheme; this is its shortcut.
     """
-    train_fn = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, augment=augment, grad_accum_steps=grad_accum_steps
-    )
-    return _parallel_train(train_fn, parallelism), make_eval_step((model,), parallelism)
+    from alexnet_jax import schemes
+
+    scheme = schemes.make_scheme(parallelism, variant=model.variant)
+    return scheme.make_steps(model, tx, schedule, augment=augment, grad_accum_steps=grad_accum_steps)
 
 
 def make_eval_step(models: Sequence[model_lib.AlexNet], parallelism: str = "pmap"):
-    """The eval step of one model or an ensemble: (params tuple, batch) -> (sums, probs [devices, B, classes])."""
-    eval_fn = functools.partial(eval_step, models=tuple(models))
-    if parallelism == "pmap":
-        return jax.pmap(eval_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0))
-    if parallelism == "shard_map":
-        return _shard_mapped(eval_fn, (_P(), _P(AXIS)), (_P(), _P(AXIS)), donate=False)
-    raise ValueError(f"unknown parallelism {parallelism!r}; expected one of {PARALLELISMS}")
+    """The eval step of one model or an ensemble: (params tuple, batch) -> (sums, probs)."""
+    from alexnet_jax import schemes
 
-
-def _parallel_train(train_fn, parallelism: str):
-    if parallelism == "pmap":
-        return jax.pmap(train_fn, axis_name=AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,))
-    if parallelism == "shard_map":
-        return _shard_mapped(train_fn, (_P(), _P(AXIS), _P()), (_P(), _P()), donate=True)
-    raise ValueError(f"unknown parallelism {parallelism!r}; expected one of {PARALLELISMS}")
-
-
-def _P(*axes):  # noqa: N802  (PartitionSpec's conventional short name)
-    return jax.sharding.PartitionSpec(*axes)
-
-
-def _shard_mapped(fn, in_specs, out_specs, *, donate: bool):
-    """fn as jax.jit(jax.shard_map(...)) over a one-axis mesh of the local devices.
-
-    The path JAX recommends now that pmap is in maintenance mode (single process only,
-    for now). Each device's block of a sharded input is [1, per_device, ...]; pmap
-    drops that axis, so it is dropped here too, and added back to sharded outputs.
-    check_vma=False: the hand-written conv VJPs (fast_ops) return plain gradients that
-    the varying-axes checker cannot type; the steps' pmean/psum make outputs replicated.
-    """
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-    squeeze = functools.partial(jax.tree_util.tree_map, lambda x: x[0])
-    expand = functools.partial(jax.tree_util.tree_map, lambda x: x[None])
-
-    def per_device(*args):
-        args = [squeeze(a) if spec == _P(AXIS) else a for a, spec in zip(args, in_specs)]
-        outputs = fn(*args)
-        return tuple(expand(o) if spec == _P(AXIS) else o for o, spec in zip(outputs, out_specs))
-
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+    return schemes.make_scheme(parallelism, variant=models[0].variant).make_eval_step(models)

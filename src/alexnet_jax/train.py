@@ -32,6 +32,7 @@ from alexnet_jax import (
     preprocess,
     profiling,
     runinfo,
+    schemes,
     steps,
     trained,
     workdir_lock,
@@ -123,6 +124,7 @@ def plan_run(
             f"config.num_classes={num_classes} but {source.name} has {source.num_classes} classes; "
             "use -1 to take the count from the dataset"
         )
+    config_lib.validate_num_classes(config, num_classes, source.name)
     steps_per_epoch = source.train.num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(
@@ -231,11 +233,13 @@ def restore_or_init(
     resume: Resume,
     pretrained: trained.TrainedModel | None,
     workdir: str,
+    scheme: schemes.Scheme,
 ) -> TrainState:
     """A fresh state (from config.init_from's weights where given), or the newest checkpoint's.
 
     Resuming moves metrics logged after the checkpoint aside (they will be redone).
-    The state comes back replicated on the local devices, as the steps keep it.
+    The state comes back laid out as the scheme keeps it (a checkpoint of any scheme
+    restores onto any other's shardings: checkpoints hold the whole arrays).
     """
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     state = steps.init_state(model, tx, init_rng, config.image_size)
@@ -249,13 +253,13 @@ def restore_or_init(
         log.info("moved %d metrics.jsonl records of a run with no checkpoint to metrics.rolled_back.jsonl", moved)
     if resume.step is not None:
         # Verified against its manifest; a step Orbax cannot read is moved aside for the one before.
-        resume.step, state = checkpointer.restore_verified(state)
+        resume.step, state = checkpointer.restore_verified(scheme.restore_target(state))
         log.info("resumed from %s at step %d", checkpointer.directory, resume.step)
         if plan.is_primary and (moved := metrics_lib.roll_back(workdir, resume.step)):
             log.info("moved %d metrics.jsonl records past step %d to metrics.rolled_back.jsonl", moved, resume.step)
     if plan.is_primary:
         checkpointer.check_free_space(state)
-    return parallel.replicate(state)
+    return scheme.place_state(state)
 
 
 def warn_other_architecture(pretrained: trained.TrainedModel, config: ml_collections.ConfigDict) -> list[str]:
@@ -307,8 +311,10 @@ class Inputs:
     augment: steps.DeviceAugment | None  # set when the step crops packed images itself
 
 
-def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source, start_step: int) -> Inputs:
-    """Host batches -> [local_devices, per_device, ...] on the devices, prefetched."""
+def make_inputs(
+    config: ml_collections.ConfigDict, plan: RunPlan, source: Source, start_step: int, scheme: schemes.Scheme
+) -> Inputs:
+    """This process's host batches -> on the devices as the scheme places them, prefetched."""
     from alexnet_jax.data import pipeline, registry
 
     aug = pipeline.Augmentation(
@@ -329,14 +335,12 @@ def make_inputs(config: ml_collections.ConfigDict, plan: RunPlan, source: Source
         start_step=start_step,
         **shard,
     )
-    train = parallel.prefetch_to_device(
-        pipeline.device_batches(train_batches, plan.local_devices), config.prefetch_to_device
-    )
+    train = parallel.prefetch_to_device(train_batches, config.prefetch_to_device, place=scheme.place_batch)
 
     def eval_batches():
         per_process_batch = plan.eval_batch // plan.process_count
         batches = registry.eval_batches(source.eval, aug, per_process_batch=per_process_batch, **shard)
-        return parallel.prefetch_to_device(pipeline.device_batches(batches, plan.local_devices))
+        return parallel.prefetch_to_device(batches, place=scheme.place_batch)
 
     augment = None
     if source.train.augments_on_device:
@@ -360,8 +364,8 @@ class Evaluator:
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
         results, _ = evaluate_batches(self.p_eval, (state.params,), self.inputs.eval())
         self.writer.write(step, results)
+        conv1 = {"conv1": parallel.host_copy(state.params["conv1"])}  # every process: split across hosts maybe
         if self.writer.enabled:  # Figure 3 of the paper, as training goes
-            conv1 = {"conv1": jax.device_get(state.params["conv1"])}
             figures.write_conv1_filters(
                 self.workdir, conv1, self.variant, step, summary_writer=self.writer.summary_writer
             )
@@ -412,7 +416,7 @@ def summarize_train(pending: list[tuple[int, dict]], *, restored_step: int | Non
 
     This is the loop's only host sync between logs: it waits for the steps to finish.
     """
-    host = jax.device_get([m for _, m in pending])
+    host = parallel.host_copy([m for _, m in pending])
     for (step, _), values in zip(pending, host):
         if not bool(values["finite"]):
             raise DivergenceError(_divergence_message(step, values, restored_step))
@@ -492,15 +496,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     model = steps.create_model(config, plan.num_classes, input_scale=plan.input_scale)
     schedule = optim.make_schedule(config, plan.steps_per_epoch, plan.total_steps)
     tx = optim.make_optimizer(config, schedule)
+    scheme = schemes.from_config(config)  # how the step is placed on the devices (README, Parallelism)
     state = restore_or_init(
-        config, plan, model, tx, checkpointer=checkpointer, resume=resume, pretrained=pretrained, workdir=workdir
+        config,
+        plan,
+        model,
+        tx,
+        checkpointer=checkpointer,
+        resume=resume,
+        pretrained=pretrained,
+        workdir=workdir,
+        scheme=scheme,
     )
-    start_step = int(jax.device_get(state.step))
+    start_step = int(parallel.host_copy(state.step))
     if plan.is_primary:
         _record_run(workdir, config, plan, source)
-    inputs = make_inputs(config, plan, source, start_step)
-    p_train, p_eval = steps.make_steps(
-        model, tx, schedule, config.parallelism, augment=inputs.augment, grad_accum_steps=config.grad_accum_steps
+    inputs = make_inputs(config, plan, source, start_step, scheme)
+    p_train, p_eval = scheme.make_steps(
+        model, tx, schedule, augment=inputs.augment, grad_accum_steps=config.grad_accum_steps
     )
     writer = metrics_lib.MetricWriter(workdir, enabled=plan.is_primary)
     evaluator = Evaluator(p_eval, inputs, writer, workdir=workdir, variant=config.model)
@@ -571,7 +584,7 @@ def run_loop(
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
     dropout_rng = steps.dropout_root_key(config.seed, config.prng_impl)
-    start_step = int(jax.device_get(state.step))
+    start_step = int(parallel.host_copy(state.step))
     progress = metrics_lib.Progress(plan.total_steps, plan.global_batch, data_wait_shown=DATA_WAIT_SHOWN)
     watch = DataWaitWatch()
     meter = Meter(plan.global_batch)
