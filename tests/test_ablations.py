@@ -144,7 +144,7 @@ def test_fast_backward_agrees_with_autodiff_for_tanh_and_non_overlapping_pools(p
         return jax.jit(jax.value_and_grad(loss))(params)
 
     (fast_loss, fast), (lax_loss, autodiff) = grads("fast"), grads("lax")
-    assert_close(fast_loss, lax_loss, rtol=1e-5, atol=1e-6)  # a weighted sum of logits: it cancels
+    assert_close(fast_loss, lax_loss, rtol=1e-5, atol=1e-5)  # a sum of +- logits: absolute scale
     assert_trees_close(fast, autodiff, rtol=1e-4, atol=1e-5)
 
 
