@@ -194,7 +194,7 @@ class InitialStates:
 
 
 class JaxCell:
-    """One grid cell's train step: steps.make_steps as training builds it, on one synthetic batch.
+    """One grid cell's train step: schemes.make_steps as training builds it, on one synthetic batch.
 
     cell["input"]: "host_crop" (uint8 [B, S, S, 3] crops and a colour offset per image, as the
     host pipeline ships them) or "device_crop" (uint8 [B, P, P, 3] packed images and example
@@ -205,7 +205,7 @@ class JaxCell:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel, steps
+        from alexnet_jax import optim, parallel, schemes, steps
 
         start = time.perf_counter()
         self.jax, self.cell = jax, cell
@@ -233,7 +233,7 @@ class JaxCell:
         self.rng = steps.dropout_root_key(0, config.prng_impl)
         packed = cell["input"] == "device_crop"
         augment = steps.DeviceAugment(seed=0, image_size=args.image_size) if packed else None
-        p_train, _ = steps.make_steps(model, tx, schedule, augment=augment)
+        p_train, _ = schemes.make_steps(model, tx, schedule, augment=augment)
         side = settings["packed_side"] if packed else args.image_size
         generator = np.random.default_rng(0)
         per_device = cell["per_device_batch"]

@@ -2,7 +2,7 @@
 
     python bench/grad_accum.py [--model=torchvision] [--batch_size=64] [--image_size=224] [--accum=1,2,4]
 
-The step is training's (steps.make_steps) at one global batch; with N > 1 it runs
+The step is training's (schemes.make_steps) at one global batch; with N > 1 it runs
 N micro-batches of batch_size / N in turn and applies one update, so the
 activations held at once shrink with N while the batch, the update and its
 learning rate stay those of the full batch. Each N runs in a fresh child process
@@ -47,7 +47,7 @@ def measure(args: argparse.Namespace, accum: int) -> dict:
     import numpy as np
     import train_step as step_bench  # bench/train_step.py: its synthetic config and memory probes
 
-    from alexnet_jax import optim, parallel, steps
+    from alexnet_jax import optim, parallel, schemes, steps
 
     config = step_bench.bench_config(
         step_bench.parse_args([f"--model={args.model}", f"--batch_size={args.batch_size}", f"--dtype={args.dtype}"])
@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace, accum: int) -> dict:
     tx = optim.make_optimizer(config, schedule)
     init_rng, dropout_rng = jax.random.split(jax.random.key(0))
     state = steps.init_state(model, tx, init_rng, args.image_size)
-    p_train, _ = steps.make_steps(model, tx, schedule, grad_accum_steps=accum)
+    p_train, _ = schemes.make_steps(model, tx, schedule, grad_accum_steps=accum)
     rng = np.random.default_rng(0)
     shape = (devices, per_device, args.image_size, args.image_size, 3)
     batch = parallel.shard_to_devices(

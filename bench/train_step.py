@@ -154,7 +154,7 @@ class JaxBench:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel, steps
+        from alexnet_jax import optim, parallel, schemes, steps
 
         self.jax, self.args = jax, args
         config = bench_config(args)
@@ -170,7 +170,7 @@ class JaxBench:
         self.dropout_rng = steps.dropout_root_key(0, config.prng_impl)
         self.state = steps.init_state(model, tx, init_rng, args.image_size)
         augment = steps.DeviceAugment(seed=0, image_size=args.image_size) if packed_side else None
-        self.p_train, _ = steps.make_steps(model, tx, schedule, augment=augment)
+        self.p_train, _ = schemes.make_steps(model, tx, schedule, augment=augment)
         rng = np.random.default_rng(0)
         side = packed_side or args.image_size
         shape = (devices, self.per_device, side, side, 3)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import evaluation, parallel, steps, train, trained
+from alexnet_jax import evaluation, parallel, schemes, steps, train, trained
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.model import AlexNet
 
@@ -90,7 +90,7 @@ def _check(results, expected):
 def test_training_evaluator_averages_ten_crops_and_masks_padding(model_and_params, ten_crop_batch):
     model, params = model_and_params
     batch, expected = ten_crop_batch
-    _, p_eval = steps.make_steps(model, optax_sgd(), lambda step: 0.0)
+    _, p_eval = schemes.make_steps(model, optax_sgd(), lambda step: 0.0)
     inputs = train.Inputs(train=iter(()), eval=lambda: iter(_device_batches(batch)), augment=None)
     writer = metrics_lib.MetricWriter("unused", enabled=False)
     evaluator = train.Evaluator(p_eval, inputs, writer, workdir="unused", variant="paper")

@@ -9,7 +9,7 @@ from conftest import assert_trees_close
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import optim, parallel, preprocess, steps
+from alexnet_jax import optim, parallel, preprocess, schemes, steps
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 5
@@ -155,7 +155,7 @@ def test_dropout_masks_differ_across_devices_and_steps(with_dropout):
 
 def test_eval_step_counts_only_unmasked_examples_and_averages_crops(plain):
     model, tx, schedule, state = plain
-    p_eval = steps.make_eval_step((model,))
+    p_eval = schemes.make_eval_step((model,))
     batch = _batch(16)
     mask = np.ones(16, np.int32)
     mask[-5:] = 0
@@ -186,7 +186,7 @@ def test_a_few_steps_fit_a_batch(plain):
     tx, schedule = _optimizer(_config(learning_rate=0.002))
     # as the loop keeps it: one compilation, not one per input placement (a copy: the step donates it)
     state = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state))
-    p_train, _ = steps.make_steps(model, tx, schedule)
+    p_train, _ = schemes.make_steps(model, tx, schedule)
     batch = parallel.shard_to_devices(_per_device(_learnable_batch(16), 8))
     losses = []
     for _ in range(4):
@@ -208,7 +208,6 @@ def test_top_k_counts_ties_for_the_label(k):
 
 
 def test_shard_map_path_gives_the_pmap_update_on_eight_devices(with_dropout):
-    from alexnet_jax import schemes
 
     model, tx, schedule, state = with_dropout  # dropout on: the keys must match too
     host = {**_batch(16, seed=3), "mask": np.ones(16, np.int32)}

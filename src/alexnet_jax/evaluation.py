@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import parallel, steps, trained
+from alexnet_jax import parallel, schemes, steps, trained
 
 
 def evaluate_batches(
@@ -25,7 +25,7 @@ def evaluate_batches(
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Exact metrics over device batches {'images', 'labels', 'mask'}: the one evaluation code path.
 
-    p_eval: steps.make_eval_step of one model (training) or several (an ensemble), which
+    p_eval: schemes.make_eval_step of one model (training) or several (an ensemble), which
     averages the softmax over crops and models and sums the masked metrics. With
     keep_probabilities, also the probabilities [num_examples, classes] of the real
     examples, in the order read.
@@ -49,5 +49,5 @@ def evaluate_runs(
     # Replicated once on every local device: an unplaced tree would be copied to each device every batch.
     replicated = NamedSharding(parallel.local_mesh(), PartitionSpec())
     params = [jax.device_put(run.params, replicated) for run in runs]
-    p_eval = steps.make_eval_step([run.module(steps.resolve_backward_impl("auto")) for run in runs])
+    p_eval = schemes.make_eval_step([run.module(steps.resolve_backward_impl("auto")) for run in runs])
     return evaluate_batches(p_eval, params, batches, keep_probabilities=keep_probabilities)

@@ -70,6 +70,28 @@ def from_config(config: Any) -> PmapScheme | MeshScheme:
     return make_scheme(config.parallelism, variant=config.model, model_axis=config.model_axis)
 
 
+def make_steps(
+    model: model_lib.AlexNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    parallelism: str = "pmap",
+    augment: steps.DeviceAugment | None = None,
+    grad_accum_steps: int = 1,
+):
+    """The train and eval steps of a one-axis scheme ("pmap" or "shard_map") over the local devices.
+
+    train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs).
+    A shortcut for make_scheme(...).make_steps, for schemes without a model axis.
+    """
+    scheme = make_scheme(parallelism, variant=model.variant)
+    return scheme.make_steps(model, tx, schedule, augment=augment, grad_accum_steps=grad_accum_steps)
+
+
+def make_eval_step(models: Sequence[model_lib.AlexNet], parallelism: str = "pmap"):
+    """The eval step of one model or an ensemble: (params tuple, batch) -> (sums, probs)."""
+    return make_scheme(parallelism, variant=models[0].variant).make_eval_step(models)
+
+
 def _mesh(shape: tuple[int, ...], names: tuple[str, ...], devices: Sequence[Any]) -> Mesh:
     # Auto axes: the shardings are stated explicitly here, and the step's device-level part is shard_map'ed.
     auto = (jax.sharding.AxisType.Auto,) * len(names)

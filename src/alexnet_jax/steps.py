@@ -375,29 +375,3 @@ def eval_step(
     probs = sum(example_probabilities(p, batch["images"], model=m) for p, m in zip(params, models)) / len(models)
     sums = metrics_lib.masked_sums(probs, batch["labels"], batch["mask"])
     return lax.psum(sums, collectives.example_axes), probs
-
-
-def make_steps(
-    model: model_lib.AlexNet,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    parallelism: str = "pmap",
-    augment: DeviceAugment | None = None,
-    grad_accum_steps: int = 1,
-):
-    """The train and eval steps of a one-axis scheme ("pmap" or "shard_map") over the local devices.
-
-    train: (state, batch, rng) -> (state, metrics); eval: ((params,), batch) -> (sums, probs).
-    Schemes with a model axis are built by schemes.make_scheme; this is its shortcut.
-    """
-    from alexnet_jax import schemes
-
-    scheme = schemes.make_scheme(parallelism, variant=model.variant)
-    return scheme.make_steps(model, tx, schedule, augment=augment, grad_accum_steps=grad_accum_steps)
-
-
-def make_eval_step(models: Sequence[model_lib.AlexNet], parallelism: str = "pmap"):
-    """The eval step of one model or an ensemble: (params tuple, batch) -> (sums, probs)."""
-    from alexnet_jax import schemes
-
-    return schemes.make_scheme(parallelism, variant=models[0].variant).make_eval_step(models)

@@ -209,10 +209,8 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
     result, not a failure of the study: recorded as diverged (study_run.json), left out of
     the statistics and counted in the table.
     """
-    import jax
-
-    from alexnet_jax import train
-    from alexnet_jax.data import sources
+    from alexnet_jax import parallel, train
+    from alexnet_jax.data import registry
 
     start = time.perf_counter()
     try:
@@ -222,9 +220,9 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
         record["wall_s"] = round(time.perf_counter() - start, 1)
         _write_json(run.done_file, record)
         return record
-    step = int(jax.device_get(state.step))
+    step = int(parallel.host_copy(state.step))
     del state
-    total = train.plan_run(run.config, sources.open_source_from_config(run.config)).total_steps
+    total = train.plan_run(run.config, registry.open_source_from_config(run.config)).total_steps
     if step != total:
         raise StudyStopped(f"{run.workdir} stopped at step {step} of {total}")
     record: dict[str, Any] = {"setting": run.setting.values, "seed": run.seed, "steps": step}
@@ -244,17 +242,18 @@ def _score_train_split(run: Run) -> dict[str, float]:
     rebuilt from its workdir as evaluate and predict rebuild it (trained.load)."""
     import jax
 
-    from alexnet_jax import evaluate, parallel, trained
-    from alexnet_jax.data import pipeline, sources
+    from alexnet_jax import evaluation, parallel, trained
+    from alexnet_jax.data import pipeline, registry
 
     model = trained.load(run.workdir)
-    split = sources.open_source_from_config(run.config).train
+    split = registry.open_source_from_config(run.config).train
     aug = pipeline.Augmentation(eval_crops=1, **model.sizes)
     devices = jax.local_device_count()
     # The run's own evaluation batch: the same compiled program (a compilation cache hit).
     batch = run.config.eval_batch_size if run.config.eval_batch_size > 0 else run.config.batch_size
-    batches = split.eval_batches(aug, per_process_batch=batch)
-    results, _ = evaluate.evaluate_runs([model], parallel.prefetch_to_device(pipeline.device_batches(batches, devices)))
+    batches = registry.eval_batches(split, aug, per_process_batch=batch)
+    device_batches = parallel.prefetch_to_device(pipeline.device_batches(batches, devices))
+    results, _ = evaluation.evaluate_runs([model], device_batches)
     return results
 
 
