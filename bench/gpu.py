@@ -650,7 +650,7 @@ def summary_markdown(lines: list[dict], timings: list[dict], settings: Settings,
         "",
         f"{'rehearsal on the CPU' if settings.rehearse else 'run'}: {len(ran)} of {len(lines)} cells ran in "
         f"{elapsed_s:.0f} s (BUDGET_S={settings.budget_s:.0f}); image {settings.image_size}, "
-        f"{settings.steps} steps x {settings.rounds} rounds",
+        f"{settings.steps} step(s) x {settings.rounds} rounds",
         "",
         "| cell | status | img/s | step ms | TFLOP/s | MFU | peak MB | vs torch | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -675,7 +675,11 @@ def summary_markdown(lines: list[dict], timings: list[dict], settings: Settings,
         out += ["", f"JAX compile s per cell: median {statistics.median(compiles):.1f}, max {max(compiles):.1f}"]
     out += ["", "| stage | seconds | exit |", "|---|---|---|"]
     out += [f"| {t['stage']} | {t['seconds']} | {t['exit']} |" for t in timings]
-    out += ["", "Planned by the priors (python bench/gpu.py --estimate):", "", "```", estimate_text(settings), "```"]
+    planned = settings
+    if settings.rehearse:  # the priors are a GPU's: show the GPU run's plan, not the rehearsal's
+        planned = Settings.from_env({"OUT": settings.out, "BUDGET_S": "460"})
+    out += ["", "A GPU run's plan by the priors (python bench/gpu.py --estimate):", "", "```"]
+    out += [estimate_text(planned), "```"]
     return "\n".join(out) + "\n"
 
 

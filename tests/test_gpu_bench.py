@@ -211,6 +211,9 @@ def test_without_torch_the_lines_say_so(tmp_path):
 def test_a_budget_too_short_for_anything_skips_every_cell_and_says_why(tmp_path):
     lines, out, _ = _rehearse(tmp_path, GPU_HOST_LACKS, BUDGET_S=0)
     assert lines and all(line["status"] == "skipped" and line["status_note"].startswith("budget") for line in lines)
+    # the driver's own check: no worker was started
+    assert all("the stage's first cell needs" in line["status_note"] for line in lines)
+    assert (out / "gpu.log").read_text() == ""
     assert all(line["img_per_s"] is None and line["ratio_vs_torch"] is None for line in lines)
     assert (out / "profile_summary.txt").read_text() == "no profile: no JAX grid cell ran in this run\n"
 
