@@ -230,3 +230,16 @@ def assert_trees_equal(actual, desired):
         a, b = np.asarray(a), np.asarray(b)
         if not (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)):
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+# Test files whose 8-device AlexNet states peak at 6-9 GB of RAM each: two of them at once on the two
+# pytest-xdist workers (and the tmpfs holding the suite's checkpoints) overran a 24 GB machine, and a
+# worker was killed. They run one after another, in one group; every other file is its own group, so the
+# workers still take whole files (`--dist loadgroup` in pyproject.toml, as `loadfile` did).
+MEMORY_HEAVY = ("test_schemes.py", "test_grad_accum.py", "test_train_step.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        item.add_marker(pytest.mark.xdist_group("memory_heavy" if name in MEMORY_HEAVY else name))
