@@ -15,7 +15,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO, child_env
+from conftest import REPO, child_env, optional
 
 # issue 20, item 2: what every line carries (this list is the test's own, not the bench's)
 FIELDS = (
@@ -289,7 +289,7 @@ def test_the_benchs_pytorch_paper_network_is_the_papers(tmp_path):
     import jax
     import numpy as np
 
-    torch = pytest.importorskip("torch")
+    torch = optional("torch")
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import train_step
 
