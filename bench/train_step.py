@@ -307,12 +307,24 @@ def torch_worker(args) -> None:
 
 def torch_alexnet(nn, variant: str, num_classes: int):
     """torchvision's AlexNet layer for layer (or the paper's widths, groups and LRN)."""
+    import torch
+
     widths = {"paper": (96, 256, 384, 384, 256), "torchvision": (64, 192, 384, 256, 256)}[variant]
     groups = {"paper": (1, 2, 1, 2, 2), "torchvision": (1, 1, 1, 1, 1)}[variant]
 
+    class TowerLRN(nn.Module):
+        """The paper's LRN, each tower (channel half) normalising its own maps, as each GPU did
+        (model.local_response_norm with groups=2). torch divides alpha by n; the paper does not."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+
+        def forward(self, x):
+            return torch.cat([self.norm(half) for half in x.chunk(2, dim=1)], dim=1)
+
     def lrn():
-        # torch divides alpha by n; the paper does not.
-        return [nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)] if variant == "paper" else []
+        return [TowerLRN()] if variant == "paper" else []
 
     c1, c2, c3, c4, c5 = widths
     features = nn.Sequential(
