@@ -66,6 +66,18 @@ def child_env(devices=None, **extra):
 EXTRAS_INSTALL = "pip install -r requirements-extras.txt"
 
 
+def optional_torch_without_triton():
+    """torch's triton (its GPU code generator) segfaults a process that has loaded TensorFlow, when
+    torchvision imports it through torch._dynamo; a pytest-xdist worker runs many files, so block it
+    here as export.without_triton does in the tool. No test compiles with torch in this process."""
+    from alexnet_jax import export
+
+    export.without_triton()
+
+
+optional_torch_without_triton()
+
+
 def optional(module: str):
     """Import an optional package of requirements-extras.txt, or skip saying how to install it
     (CI installs the extras, so nothing is skipped there)."""

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -93,7 +94,21 @@ def probe_images(model: trained.TrainedModel, count: int = PROBE_IMAGES) -> np.n
     return rng.integers(0, 256, (count, model.image_size, model.image_size, 3), dtype=np.uint8)
 
 
+def without_triton() -> None:
+    """Keep torch from loading triton in this process, which has TensorFlow loaded (cli.run loads it).
+
+    PyPI's Linux torch brings triton, torch.compile's GPU code generator; importing torchvision
+    imports torch._dynamo, which imports triton, and triton's LLVM beside TensorFlow's segfaults
+    the process (seen with torch 2.14.1 and TensorFlow 2.21). Export never compiles with torch;
+    torch treats a triton that cannot be imported as absent.
+    """
+    if "triton" not in sys.modules:
+        sys.modules["triton"] = None  # `import triton` raises ImportError, which torch expects
+
+
 def _require(module: str, purpose: str) -> Any:
+    if module.split(".")[0] in ("torch", "torchvision"):
+        without_triton()
     try:
         return importlib.import_module(module)
     except ImportError:
