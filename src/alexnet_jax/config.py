@@ -16,7 +16,13 @@ from alexnet_jax.errors import UserError
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Data.
+    for add_keys in (_data_keys, _model_keys, _optimisation_keys, _loop_keys):
+        add_keys(config)
+    return config
+
+
+def _data_keys(config: ml_collections.ConfigDict) -> None:
+    """What is read and how it is cropped."""
     # A TFDS name, "image_folder", "packed" (made by python -m alexnet_jax.data.pack) or "demo_digits".
     config.dataset = "imagenet2012"
     config.data_dir = ""  # TFDS data_dir, or the image folder's root; "" = the default
@@ -32,7 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.pca_noise_std = 0.1  # the paper's colour jitter; 0 turns it off
     config.eval_crops = 1  # 1 = centre crop, 10 = the paper's test (four corners, centre, mirrored)
     config.skip_bad_images = False  # image folders: drop (and log) truncated or non-image files instead of stopping
-    # Model.
+
+
+def _model_keys(config: ml_collections.ConfigDict) -> None:
+    """The network and how it is computed."""
     config.model = "paper"  # "paper" or "torchvision"
     config.init = "paper"  # "paper" or "modern"
     config.dropout_rate = 0.5  # paper variant: on fc6/fc7 outputs, x(1 - rate) at test; torchvision: inverted
@@ -60,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.pooling = "overlapping"  # "overlapping" (3x3, stride 2; section 3.4) or "non_overlapping" (2x2, stride 2)
     config.lrn = "auto"  # "auto" (the variant's own: paper on, torchvision none), "on" (paper only) or "off"
     config.random_crop = True  # training crops at random places (section 4.1); False = the centre crop
-    # Optimisation.
+
+
+def _optimisation_keys(config: ml_collections.ConfigDict) -> None:
+    """The optimizer, its schedule and how the step is placed."""
     config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
     config.lars_trust_coefficient = 0.001
     # Parallelism (README, Parallelism): how the step is placed on the devices. "pmap" or
@@ -83,7 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.warmup_epochs = 0.0
     config.num_epochs = 90.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
-    # Loop.
+
+
+def _loop_keys(config: ml_collections.ConfigDict) -> None:
+    """Seeds, intervals, checkpoints and the loop's extras."""
     config.seed = 0
     config.log_every_steps = 100
     config.eval_every_steps = -1  # -1 = once an epoch
@@ -97,7 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Profiling (issue 22): "FIRST-LAST" (e.g. "10-15") traces those updates with jax.profiler
     # into WORKDIR/plugins/profile/ (TensorBoard's Profile tab), on process 0; "" = off.
     config.profile_steps = ""
-    return config
 
 
 def _choices() -> dict[str, tuple]:
