@@ -73,12 +73,10 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1, flag: str = 
     if checkpoint.is_converted(path):
         params, record = checkpoint.load_converted(path)
         info, step = None, None
-    elif checkpoint.is_workdir(path):
+    else:  # a run's workdir: check_path refused anything else
         params, record, step = checkpoint.load_run_params(path)
         info = runinfo.read_run_info(path)
         record = {**record, **runinfo.model_record(info)}
-    else:  # check_path has refused it
-        raise AssertionError(path)
     image_size, resize_size = _sizes(path, record, image_size, resize_size)
     num_classes = int(record.get("num_classes") or params["fc8"]["bias"].shape[0])
     if not record.get("class_names"):
