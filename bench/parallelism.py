@@ -1,6 +1,6 @@
 """What each parallelism scheme costs per device: memory, communication, time (TensorFlow-free).
 
-    PYTHONPATH=src python bench/parallelism.py [--batches=256,1024] [--devices=8] [--variant=paper] \
+    python bench/parallelism.py [--batches=256,1024] [--devices=8] [--variant=paper] \
         [--time_steps=0] [--image_size=224]
 
 Compiles the real train step (schemes.make_scheme(...).make_steps, as training does) for
@@ -13,9 +13,11 @@ each scheme and mesh on `devices` fake CPU devices and prints one JSON line per 
                                is S (n-1)/n S; all-to-all of S (n-1)/n S; collective-permute
                                its operand
   analytic_collective_bytes_per_device  the formula in the README (Parallelism), per scheme
-  step_ms                      the compiled step's wall time on these CPU devices (with
-                               --time_steps > 0; null otherwise: at 224 px a batch of 1024
-                               takes minutes and gigabytes on a small CPU host)
+  step_ms                      the median wall time of one compiled step on these devices over
+                               --time_steps rounds (each one step, after one untimed step),
+                               step_ms_rounds every round; null with --time_steps=0. On fake
+                               CPU devices they share the host's cores: the time is the whole
+                               mesh's compute plus its in-memory collectives, not a GPU's
 
 The figures of interest are ratios to data parallelism on the same devices, printed too.
 """
@@ -27,6 +29,10 @@ import json
 import re
 import sys
 import time
+
+import numpy as np
+
+import train_step  # bench/train_step.py: the step's config keys without ml_collections; puts src/ on the path
 
 SCHEMES = (("data", 1), ("towers", 2), ("weird_trick", 2), ("weird_trick", 8))
 FLOAT_BYTES = 4  # float32 parameters, gradients and (config.dtype float32) activations
@@ -51,6 +57,11 @@ def _shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str, devices: int) -> int:
+    """How many devices one group of a collective holds, in each way XLA prints its groups."""
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:  # jax >= 0.11: replica_groups=mesh['data'=4,'model'=2] {'model'}
+        sizes = {axis.strip("'"): int(size) for axis, size in (item.split("=") for item in named.group(1).split(","))}
+        return int(np.prod([sizes[axis.strip().strip("'")] for axis in named.group(2).split(",") if axis.strip()]))
     groups = re.search(r"replica_groups=\{(\{[\d,]*\})", line)
     if groups:
         return len(groups.group(1).strip("{}").split(","))
@@ -87,8 +98,6 @@ def collective_bytes(hlo_text: str, devices: int) -> dict[str, float]:
 
 
 def _layer_sizes(params) -> dict[str, int]:
-    import numpy as np
-
     return {layer: sum(int(np.prod(v.shape)) for v in leaves.values()) for layer, leaves in params.items()}
 
 
@@ -127,7 +136,6 @@ def _pool2_side(image_size: int) -> int:
 
 def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state, host_state):
     import jax
-    import numpy as np
 
     from alexnet_jax import schemes
 
@@ -161,7 +169,7 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         args.num_classes,
         _pool2_side(args.image_size),
     )
-    step_ms = None
+    step_ms, rounds = None, []
     if args.time_steps > 0:
         state = scheme.place_state(host_state)
         rng = np.random.default_rng(0)
@@ -172,11 +180,13 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         device_batch = scheme.place_batch(host_batch)
         state, metrics = compiled(state, device_batch, jax.random.key(0))  # warm
         jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(args.time_steps):
+        rounds = []
+        for _ in range(args.time_steps):  # one step a round, each waited for
+            start = time.perf_counter()
             state, metrics = compiled(state, device_batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        step_ms = 1000 * (time.perf_counter() - start) / args.time_steps
+            jax.block_until_ready(metrics)
+            rounds.append(1000 * (time.perf_counter() - start))
+        step_ms = float(np.median(rounds))
     total = sum(sent.values())
     return {
         "scheme": name,
@@ -191,6 +201,8 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         "measured_over_analytic": round(total / analytic, 4) if analytic else None,
         "compile_s": round(compile_s, 1),
         "step_ms": None if step_ms is None else round(step_ms, 1),
+        "step_ms_rounds": [round(r, 1) for r in rounds],
+        "devices": f"{args.devices} x {jax.devices()[0].platform}",
     }
 
 
@@ -209,11 +221,21 @@ def main(argv: list[str] | None = None) -> None:
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
-    from alexnet_jax import config as config_lib
     from alexnet_jax import optim, steps
 
-    config = config_lib.base_config()
-    config.model, config.backward_impl = args.variant, "auto"
+    # the keys the step reads, without ml_collections (GPU hosts have neither it nor TensorFlow)
+    config = train_step.bench_config(
+        argparse.Namespace(
+            model=args.variant,
+            dtype="float32",
+            input_scale="auto",
+            backward_impl="auto",
+            group_conv="grouped",
+            lrn_precision="highest",
+            prng_impl="threefry",
+            batch_size=max(int(b) for b in args.batches.split(",")),
+        )
+    )
     model = steps.create_model(config, args.num_classes)
     schedule = optim.make_schedule(config, steps_per_epoch=100, total_steps=1000)
     tx = optim.make_optimizer(config, schedule)

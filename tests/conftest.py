@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -60,6 +61,55 @@ def child_env(devices=None, **extra):
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src"), REPO])
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+_BLOCKER = textwrap.dedent(
+    '''
+    """Make the packages named in ALEXNET_TEST_BLOCKED_IMPORTS look not installed.
+
+    The path finder is wrapped so that it does not find them: find_spec gives None and import
+    raises ModuleNotFoundError, as where they are missing (importlib.metadata still sees them).
+    """
+    import importlib.machinery
+    import os
+    import sys
+
+    _BLOCKED = frozenset(os.environ.get("ALEXNET_TEST_BLOCKED_IMPORTS", "").split(","))
+
+
+    class _PathFinderWithout:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name.partition(".")[0] in _BLOCKED:
+                return None
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+        @classmethod
+        def find_distributions(cls, *args, **kwargs):  # what importlib.metadata asks
+            return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
+
+        @classmethod
+        def invalidate_caches(cls):
+            importlib.machinery.PathFinder.invalidate_caches()
+
+
+    sys.meta_path[:] = [
+        _PathFinderWithout if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path
+    ]
+    '''
+)
+
+
+
+def env_without(tmp_path, blocked, **extra):
+    """child_env, in which the packages `blocked` cannot be imported (as on a host that lacks them)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    env = child_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    env["ALEXNET_TEST_BLOCKED_IMPORTS"] = ",".join(blocked)
     return env
 
 

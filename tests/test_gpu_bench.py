@@ -11,11 +11,10 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
-from conftest import REPO, child_env, optional
+from conftest import REPO, env_without, optional
 
 # issue 20, item 2: what every line carries (this list is the test's own, not the bench's)
 FIELDS = (
@@ -44,51 +43,9 @@ FIELDS = (
 )
 GPU_HOST_LACKS = ("tensorflow", "tensorflow_datasets", "ml_collections")
 
-_BLOCKER = textwrap.dedent(
-    '''
-    """Make the packages named in ALEXNET_TEST_BLOCKED_IMPORTS look not installed.
-
-    The path finder is wrapped so that it does not find them: find_spec gives None and import
-    raises ModuleNotFoundError, as where they are missing (importlib.metadata still sees them).
-    """
-    import importlib.machinery
-    import os
-    import sys
-
-    _BLOCKED = frozenset(os.environ.get("ALEXNET_TEST_BLOCKED_IMPORTS", "").split(","))
-
-
-    class _PathFinderWithout:
-        @classmethod
-        def find_spec(cls, name, path=None, target=None):
-            if name.partition(".")[0] in _BLOCKED:
-                return None
-            return importlib.machinery.PathFinder.find_spec(name, path, target)
-
-        @classmethod
-        def find_distributions(cls, *args, **kwargs):  # what importlib.metadata asks
-            return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
-
-        @classmethod
-        def invalidate_caches(cls):
-            importlib.machinery.PathFinder.invalidate_caches()
-
-
-    sys.meta_path[:] = [
-        _PathFinderWithout if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path
-    ]
-    '''
-)
-
-
 def _env(tmp_path, blocked, **settings):
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_BLOCKER)
-    env = child_env(**{key: str(value) for key, value in settings.items()})
+    env = env_without(tmp_path, blocked, **{key: str(value) for key, value in settings.items()})
     env.pop("XLA_FLAGS", None)  # one CPU device, as the GPU host has one GPU
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-    env["ALEXNET_TEST_BLOCKED_IMPORTS"] = ",".join(blocked)
     env["PYTHON"] = sys.executable
     env["REHEARSE"] = "1"
     env["OUT"] = str(tmp_path / "out")
