@@ -31,7 +31,6 @@ import sys
 import time
 
 import numpy as np
-
 import train_step  # bench/train_step.py: the step's config keys without ml_collections; puts src/ on the path
 
 SCHEMES = (("data", 1), ("towers", 2), ("weird_trick", 2), ("weird_trick", 8))

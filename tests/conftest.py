@@ -101,7 +101,6 @@ _BLOCKER = textwrap.dedent(
 )
 
 
-
 def env_without(tmp_path, blocked, **extra):
     """child_env, in which the packages `blocked` cannot be imported (as on a host that lacks them)."""
     site = tmp_path / "site"

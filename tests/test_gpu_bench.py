@@ -43,6 +43,7 @@ FIELDS = (
 )
 GPU_HOST_LACKS = ("tensorflow", "tensorflow_datasets", "ml_collections")
 
+
 def _env(tmp_path, blocked, **settings):
     env = env_without(tmp_path, blocked, **{key: str(value) for key, value in settings.items()})
     env.pop("XLA_FLAGS", None)  # one CPU device, as the GPU host has one GPU
