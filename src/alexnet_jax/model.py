@@ -392,8 +392,6 @@ class AlexNet(nn.Module):
         norm = functools.partial(local_response_norm, precision=self.lrn_precision)
         split = self.layout.towers  # devices sharing each conv layer, a tower each
         towers_here = TOWERS[self.variant] // split
-        split = self.layout.towers  # devices sharing each conv layer, a tower each
-        towers_here = TOWERS[self.variant] // split
 
         def conv(x, index, kernel, stride, padding):
             name = f"conv{index + 1}"
