@@ -133,6 +133,15 @@ def _pool2_side(image_size: int) -> int:
     return side
 
 
+def _available_bytes() -> int:
+    """The host memory free for a step (MemAvailable): fake CPU devices' buffers live there."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
 def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state, host_state):
     import jax
 
@@ -168,8 +177,22 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         args.num_classes,
         _pool2_side(args.image_size),
     )
-    step_ms, rounds = None, []
-    if args.time_steps > 0:
+    memory = compiled.memory_analysis()
+    need = (
+        None
+        if memory is None
+        else sum((memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes))
+        - memory.alias_size_in_bytes
+    )
+    step_ms, rounds, note = None, [], None
+    # per device; fake CPU devices all hold theirs in the host's memory
+    host_need = None if need is None else need * (args.devices if jax.devices()[0].platform == "cpu" else 1)
+    if args.time_steps > 0 and host_need is not None and host_need > 0.9 * _available_bytes():
+        note = (
+            f"not timed: the step needs {host_need / 2**30:.1f} GiB of host memory for its {args.devices} devices, "
+            f"{_available_bytes() / 2**30:.1f} GiB available"
+        )
+    elif args.time_steps > 0:
         state = scheme.place_state(host_state)
         rng = np.random.default_rng(0)
         host_batch = {
@@ -201,6 +224,8 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         "compile_s": round(compile_s, 1),
         "step_ms": None if step_ms is None else round(step_ms, 1),
         "step_ms_rounds": [round(r, 1) for r in rounds],
+        "step_ms_note": note,
+        "compiled_step_mb_per_device": None if need is None else round(need / 2**20),
         "devices": f"{args.devices} x {jax.devices()[0].platform}",
     }
 
