@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import OutputReader, assert_trees_equal, child_env, launch_command
 
 from alexnet_jax import checkpoint as checkpoint_lib
@@ -111,6 +112,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_bitwise_exact(image_folde
     assert [s for s, _ in per_step_a] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_restarts_from_the_newest_complete_checkpoint_on_another_device_count(image_folder, tmp_path):
     """Killed on 2 devices while asynchronous saves run every step; resumed on 1 device."""
     workdir = tmp_path / "run"

@@ -83,6 +83,7 @@ def _grid(lines, framework):
     return cells
 
 
+@pytest.mark.slow
 def test_the_whole_rehearsal_runs_without_tensorflow_and_every_line_is_complete(tmp_path):
     lines, out, _ = _rehearse(tmp_path, GPU_HOST_LACKS)
     _check_the_whole_rehearsal(lines, out)

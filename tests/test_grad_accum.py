@@ -160,6 +160,7 @@ def test_the_per_device_batch_must_divide_into_micro_batches():
         config_lib.validate(config, device_count=8)
 
 
+@pytest.mark.slow
 def test_a_run_counts_updates_and_resumes_bitwise_exactly(image_folder, tmp_path):
     """launch.py with grad_accum_steps=2 on 2 devices: log, learning rate and checkpoints count updates, and a
     run resumed at update 2 ends bitwise where the straight run does."""

@@ -6,6 +6,7 @@ import subprocess
 import tarfile
 
 import numpy as np
+import pytest
 from conftest import child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
@@ -51,6 +52,7 @@ def write_ilsvrc_tars(manual_dir):
     return manual_dir
 
 
+@pytest.mark.slow
 def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
     manual_dir = write_ilsvrc_tars(tmp_path / "manual")
     data_dir = tmp_path / "tfds"

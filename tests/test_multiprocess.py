@@ -18,6 +18,8 @@ from conftest import REPO, child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
 
+pytestmark = pytest.mark.slow  # the slow lane: pytest tests/ -m slow (README, Set up)
+
 
 def _free_port():
     with socket.socket() as probe:

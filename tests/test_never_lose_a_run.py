@@ -27,6 +27,7 @@ def _largest_file(directory):
     return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_one_writer_per_workdir_and_a_damaged_checkpoint_set_aside(image_folder, tmp_path):
     """A second launch on a held workdir stops at once and the first finishes alone; then bytes
     overwritten in the newest checkpoint make the next launch resume from the one before."""

@@ -50,6 +50,7 @@ def read_only_plugins(tmp_path):
         subprocess.run(["umount", "-l", str(plugins)], check=False)
 
 
+@pytest.mark.slow
 def test_a_run_writes_the_trace_of_its_steps_and_an_unwritable_profile_fails_nothing(
     image_folder, tmp_path, read_only_plugins
 ):

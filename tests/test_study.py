@@ -88,6 +88,7 @@ def _study_command(workdir, photo_folder):
     ]
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_writes_its_outputs_and_its_runs_rebuild(photo_folder, tmp_path):
     workdir = tmp_path / "study"
     command = _study_command(workdir, photo_folder)
