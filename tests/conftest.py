@@ -226,6 +226,21 @@ def image_folder(tmp_path_factory):
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "rocket", "immunohistochemistry")
 
 
+def photo_crops(count, size, seed=0):
+    """uint8 [count, size, size, 3]: random square crops of scikit-image's photographs, resized."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        photo = Image.fromarray(getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()).convert("RGB")
+        side = min(photo.size) // 2
+        left, top = (int(rng.integers(0, extent - side + 1)) for extent in photo.size)
+        images.append(np.asarray(photo.crop((left, top, left + side, top + side)).resize((size, size))))
+    return np.stack(images)
+
+
 def write_photo_folder(root, *, photos=PHOTOS, train_per_class=60, eval_per_class=10, crop=160, seed=0):
     """An image folder of real photographs (scikit-image's sample images): one class per photo.
 

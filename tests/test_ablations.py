@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import PHOTOS, assert_close, assert_trees_close, write_photo_folder
+from conftest import PHOTOS, assert_close, assert_trees_close, photo_crops, write_photo_folder
 from jax import lax
 
 from alexnet_jax import config as config_lib
@@ -20,21 +20,6 @@ from alexnet_jax.errors import UserError
 
 SIZE = 67  # conv1 gives 16x16: an even side, where 2x2/2 windows must be cut to keep the paper's sizes
 ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
-
-
-def _photos(count, size, seed=0):
-    """uint8 [count, size, size, 3] crops of scikit-image's photographs."""
-    import skimage.data
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        photo = Image.fromarray(getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()).convert("RGB")
-        side = min(photo.size) // 2
-        left, top = (int(rng.integers(0, extent - side + 1)) for extent in photo.size)
-        images.append(np.asarray(photo.crop((left, top, left + side, top + side)).resize((size, size))))
-    return np.stack(images)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +54,7 @@ def test_hidden_units_and_lrn_are_as_switched(params, activation, lrn):
     """Between every pair of layers sits the chosen nonlinearity (and the LRN after conv1 and conv2
     unless switched off), recomputed here from each layer's own output."""
     module = model_lib.AlexNet(variant="paper", num_classes=10, activation=activation, lrn=lrn, backward_impl="lax")
-    io = _layer_io(module, params, _photos(2, SIZE))
+    io = _layer_io(module, params, photo_crops(2, SIZE))
     act = ACTIVATIONS[activation]
     norm = (
         (lambda x: np.asarray(model_lib.local_response_norm(jnp.asarray(x), groups=2)))
@@ -133,7 +118,7 @@ def test_every_pool_has_the_switched_window_and_the_paper_sizes(pooling, size, e
 
 def test_fast_backward_agrees_with_autodiff_for_tanh_and_non_overlapping_pools(params):
     """The hand-written max-pool backward (fast_ops) on 2x2/2 windows of cut maps, through tanh units."""
-    images = _photos(2, SIZE)
+    images = photo_crops(2, SIZE)
     weights = jax.random.normal(jax.random.key(1), (2, 10))
 
     def grads(impl):
@@ -187,7 +172,7 @@ def _jpeg(pixels):
 
 @pytest.mark.parametrize("mode", ["eager", "tf.data"])
 def test_host_training_crop_is_the_centre_when_random_crop_is_off(mode):
-    photo = tf.constant(_jpeg(_photos(1, 120)[0][:90]))  # a 90x120 photo: not square
+    photo = tf.constant(_jpeg(photo_crops(1, 120)[0][:90]))  # a 90x120 photo: not square
     sizes = dict(image_size=48, resize_size=55)
     centre = augment.eval_image(photo, **sizes).numpy()
 
@@ -207,7 +192,7 @@ def test_host_training_crop_is_the_centre_when_random_crop_is_off(mode):
 
 
 def test_device_training_crop_is_the_centre_when_random_crop_is_off():
-    images = _photos(6, 72)
+    images = photo_crops(6, 72)
     ids = jnp.arange(6, dtype=jnp.int32)
     centre = packed.eval_crops(images, crops=1, image_size=64)
     kwargs = dict(seed=5, image_size=64, flip=False, pca_noise_std=0.0)

@@ -9,12 +9,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import REPO, child_env, launch_command
+from conftest import child_env, launch_command
 
 from alexnet_jax import metrics as metrics_lib
 
@@ -27,20 +26,18 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _start_pair(workdir, digits_dir, total_steps):
+def _start_pair(workdir, digits_dir, total_steps, devices=2, *overrides, batch_size=8, name="process"):
+    """Two launch.py processes on 127.0.0.1 (gloo), `devices` CPU devices each, one coordinator."""
     port = _free_port()
-    env = child_env(2)
+    env = child_env(devices)
     processes = []
     for process_id in range(2):
-        command = [
-            sys.executable,
-            "-u",
-            os.path.join(REPO, "launch.py"),
-            f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
-            f"--workdir={workdir}",
+        command = launch_command(
+            workdir,
             f"--config.data_dir={digits_dir}",
+            *overrides,
             "--config.image_size=64",
-            "--config.batch_size=8",
+            f"--config.batch_size={batch_size}",
             "--config.eval_batch_size=128",
             "--config.log_every_steps=1",
             "--config.eval_every_steps=1000",
@@ -49,8 +46,8 @@ def _start_pair(workdir, digits_dir, total_steps):
             f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2",
             f"--process_id={process_id}",
-        ]
-        log = open(workdir.parent / f"process_{process_id}_{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (outlives this call)
+        )
+        log = open(workdir.parent / f"{name}_{process_id}_{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (outlives this call)
         processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     return processes
 
@@ -97,29 +94,8 @@ def test_two_processes_train_stop_together_and_resume(tmp_path):
 
 def _start_mesh_pair(workdir, digits_dir, total_steps, parallelism):
     """Two launch.py processes x 4 CPU devices: one 8-device mesh across them (gloo)."""
-    port = _free_port()
-    env = child_env(4)
-    processes = []
-    for process_id in range(2):
-        command = launch_command(
-            workdir,
-            f"--config.data_dir={digits_dir}",
-            f"--config.parallelism={parallelism}",
-            "--config.model_axis=2",
-            "--config.image_size=64",
-            "--config.batch_size=16",
-            "--config.eval_batch_size=128",
-            "--config.log_every_steps=1",
-            "--config.eval_every_steps=1000",
-            "--config.checkpoint_every_steps=1000",
-            f"--config.num_train_steps={total_steps}",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={process_id}",
-        )
-        log = open(workdir.parent / f"{parallelism}_{process_id}_{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
-        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    return processes
+    overrides = (f"--config.parallelism={parallelism}", "--config.model_axis=2")
+    return _start_pair(workdir, digits_dir, total_steps, 4, *overrides, batch_size=16, name=parallelism)
 
 
 @pytest.mark.parametrize("parallelism", ["towers", "weird_trick"])

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PHOTOS, child_env, launch_command
+from conftest import child_env, launch_command, photo_crops
 
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import preprocess
@@ -70,22 +70,6 @@ def paper_alexnet_in_tensorflow(params, centred, *, lrn_after=(1, 2)):
     return dense(x, "fc8").numpy()
 
 
-def _photos(count, size, seed=0):
-    """uint8 [count, size, size, 3] crops of real photographs."""
-    import skimage.data
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        photo = Image.fromarray(getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()).convert("RGB")
-        side = min(photo.size) // 2
-        left = int(rng.integers(0, photo.width - side))
-        top = int(rng.integers(0, photo.height - side))
-        images.append(np.asarray(photo.crop((left, top, left + side, top + side)).resize((size, size))))
-    return np.stack(images)
-
-
 @pytest.fixture(scope="module")
 def paper_params():
     """He-initialised weights, with the biases drawn at random so that every bias matters in the comparison."""
@@ -101,7 +85,7 @@ def paper_params():
 
 
 def test_paper_forward_pass_matches_an_independent_tensorflow_model(paper_params):
-    pixels = _photos(3, 100)
+    pixels = photo_crops(3, 100)
     net = AlexNet(variant="paper", num_classes=10, input_scale="raw")
     logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(paper_params, pixels))
     centred = pixels.astype(np.float32) - MEAN_255  # the paper's input
@@ -117,7 +101,7 @@ def test_paper_forward_pass_matches_an_independent_tensorflow_model(paper_params
 
 def test_paper_dropout_follows_the_relu_of_fc6_and_fc7_without_rescaling(paper_params):
     net = AlexNet(variant="paper", num_classes=10, input_scale="raw")
-    pixels = _photos(2, 100)
+    pixels = photo_crops(2, 100)
 
     def capture(train, rng):
         _, state = net.apply(
@@ -161,7 +145,7 @@ def _logit_spread(input_scale):
     """Across 12 real photos at the paper's init: how much logits vary between images, against their size."""
     net = AlexNet(variant="paper", num_classes=6, init_scheme="paper", input_scale=input_scale)
     params = jax.jit(lambda: net.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False))()["params"]
-    logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(params, _photos(12, 128)))
+    logits = np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x, train=False))(params, photo_crops(12, 128)))
     return logits.std(axis=0).mean() / np.abs(logits.mean(axis=0)).mean()
 
 
