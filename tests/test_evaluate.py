@@ -88,6 +88,18 @@ def test_evaluate_defaults_to_the_runs_own_eval_crops(two_runs, tmp_path):
     assert centre["crops"] == 1 and centre["eval/loss"] != defaulted["eval/loss"]
 
 
+def test_the_split_asked_for_is_the_split_scored(two_runs, tmp_path, capsys):
+    """An image folder has train/ (18 images) and validation/ (7): --split picks which is scored."""
+    train, _ = evaluate.evaluate(two_runs[:1], crops=1, batch_size=8, split="train")
+    validation, _ = evaluate.evaluate(two_runs[:1], crops=1, batch_size=8, split="validation")
+    assert (train["eval/num_examples"], train["split"]) == (18, "train")
+    assert (validation["eval/num_examples"], validation["split"]) == (7, "validation")
+    assert evaluate.main([f"--workdir={two_runs[0]}", "--split=test", f"--out={tmp_path / 'r.json'}"]) == 2
+    error = capsys.readouterr().err
+    assert "'test'" in error and "only 'train' and 'validation'" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert evaluate.main([f"--workdir={tmp_path}"]) == 2
     assert "config.json" in capsys.readouterr().err

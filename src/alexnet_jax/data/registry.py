@@ -8,6 +8,7 @@ imports the contract only, so none imports another back.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,18 +48,21 @@ def open_source(
     are dropped and logged instead of stopping the run. TFDS datasets were
     validated when they were prepared, so it does not apply to them.
     """
+    if dataset in ("image_folder", "packed", "demo_digits"):
+        _check_two_splits(dataset, train_split, eval_split)  # before any file is read
     if dataset == "image_folder":
-        return image_folder(data_dir, skip_bad_images=skip_bad_images)
+        return _evaluating(image_folder(data_dir, skip_bad_images=skip_bad_images), eval_split)
     if dataset == "packed":
         if not data_dir:
             raise UserError(
                 "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack"
             )
-        return packed.open_packed(data_dir)
+        return _evaluating(packed.open_packed(data_dir), eval_split)
     if dataset == "demo_digits":
         from alexnet_jax.data import demo
 
-        return image_folder(str(demo.write_digits(data_dir or None)), skip_bad_images=skip_bad_images)
+        folder = image_folder(str(demo.write_digits(data_dir or None)), skip_bad_images=skip_bad_images)
+        return _evaluating(folder, eval_split)
     return tfds_source(
         dataset,
         data_dir=data_dir,
@@ -67,6 +71,30 @@ def open_source(
         eval_split=eval_split,
         download=download,
     )
+
+
+# An image folder, a pack and the demo hold two splits: train/ and validation/ (an image folder's may be val/).
+_EVAL_SPLITS = {"validation": "eval", "val": "eval", "train": "train"}
+
+
+def _check_two_splits(dataset: str, train_split: str, eval_split: str) -> None:
+    if eval_split not in _EVAL_SPLITS:
+        raise UserError(
+            f"eval split {eval_split!r}: a {dataset} source has only 'train' and 'validation'; "
+            "pass --split=train or --split=validation (config.eval_split)"
+        )
+    if train_split != "train":
+        raise UserError(
+            f"config.train_split={train_split!r}: a {dataset} source trains on its 'train' split only; "
+            "leave config.train_split at 'train'"
+        )
+
+
+def _evaluating(source: Source, eval_split: str) -> Source:
+    """The source with its eval split the one asked for (its train split, to score what it trained on)."""
+    if _EVAL_SPLITS[eval_split] == "train":
+        return dataclasses.replace(source, eval=source.train)
+    return source
 
 
 def train_batches(split: Split, aug, **kwargs) -> Iterator[dict[str, np.ndarray]]:
