@@ -304,6 +304,21 @@ def _rest_s(estimates: Estimates, cells: list[dict]) -> float:
     return sum(estimates.cell_s(c["per_device_batch"]) for c in cells)
 
 
+def _compiled_fields(bench: JaxCell, counter: CompileCounter, before: tuple) -> dict:
+    """A JAX line's setup and compile figures: the cell's own, and the backend's since `before`."""
+    compiles, compile_total, hits = (now - then for now, then in zip(counter.snapshot(), before))
+    return dict(
+        global_batch=bench.global_batch,
+        compile_s=round(bench.compile_s, 2),
+        setup_s=round(bench.setup_s, 2),
+        backend_compiles=compiles,
+        backend_compile_s=round(compile_total, 2),
+        compilation_cache_hits=hits,
+        compiled_mb=bench.compiled_mb,
+        backward_impl_resolved=bench.backward_impl_resolved,
+    )
+
+
 def run_jax_grid(spec: dict, clock: Clock) -> None:
     import jax
 
@@ -331,21 +346,9 @@ def run_jax_grid(spec: dict, clock: Clock) -> None:
             log(traceback.format_exc())
             emit(spec, _skip(line, f"{type(error).__name__}: {error}"[:500], status="failed"))
             continue
-        compiles, compile_total, hits = (now - then for now, then in zip(counter.snapshot(), before))
         _figures(line, times, bench.global_batch, cell["per_device_batch"])
         peak, peak_note = peak_device_mb(jax)
-        line.update(
-            global_batch=bench.global_batch,
-            compile_s=round(bench.compile_s, 2),
-            setup_s=round(bench.setup_s, 2),
-            backend_compiles=compiles,
-            backend_compile_s=round(compile_total, 2),
-            compilation_cache_hits=hits,
-            compiled_mb=bench.compiled_mb,
-            peak_device_mb=peak,
-            peak_device_mb_note=peak_note,
-            backward_impl_resolved=bench.backward_impl_resolved,
-        )
+        line.update(_compiled_fields(bench, counter, before), peak_device_mb=peak, peak_device_mb_note=peak_note)
         if len(times) < spec["settings"]["rounds"]:
             line["status_note"] = f"budget: {len(times)} of {spec['settings']['rounds']} rounds"
         estimates.record(
@@ -374,16 +377,8 @@ def run_levers(spec: dict, clock: Clock) -> None:
         before = counter.snapshot()
         bench = JaxCell(cell, settings, states)
         bench.run(settings["warmup"])
-        compiles, compile_total, hits = (now - then for now, then in zip(counter.snapshot(), before))
         line.update(
-            global_batch=bench.global_batch,
-            compile_s=round(bench.compile_s, 2),
-            setup_s=round(bench.setup_s, 2),
-            backend_compiles=compiles,
-            backend_compile_s=round(compile_total, 2),
-            compilation_cache_hits=hits,
-            compiled_mb=bench.compiled_mb,
-            backward_impl_resolved=bench.backward_impl_resolved,
+            _compiled_fields(bench, counter, before),
             peak_device_mb=None,
             peak_device_mb_note=(
                 "a lever runs beside its baseline in one process, so no one peak is its alone; "
