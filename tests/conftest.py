@@ -1,8 +1,10 @@
 """Eight fake CPU devices for every test, and small real image folders on disk."""
 
 import atexit
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -110,6 +112,22 @@ def env_without(tmp_path, blocked, **extra):
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     env["ALEXNET_TEST_BLOCKED_IMPORTS"] = ",".join(blocked)
     return env
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(directory, options, *, without=""):
+    """A real tmpfs mounted at `directory` with `options` (e.g. "size=1m,ro"), unmounted afterwards.
+
+    Mounting needs root: elsewhere the test is skipped, saying so (and `without`: what covers it then).
+    """
+    os.makedirs(directory, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}){without}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 EXTRAS_INSTALL = "pip install -r requirements-extras.txt"

@@ -3,7 +3,6 @@ the tools, driven through a read-only file system (a real read-only tmpfs), a fi
 should be, a directory without permission (the child runs without root's permission override), and
 record files (model.json, config.json, MANIFEST.json) that are missing, empty or not JSON."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import child_env, launch_command
+from conftest import child_env, launch_command, mounted_tmpfs
 
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import checkpoint_manifest, convert, evaluate, neighbors, plot, predict
@@ -58,17 +57,9 @@ def _tool_argv(name: str, flag: str, path: str, image: str) -> list[str]:
     return [f"--workdir={path}"]
 
 
-@contextlib.contextmanager
 def _read_only_tmpfs(directory):
     """A real read-only file system at `directory` (a tmpfs mounted ro), unmounted afterwards."""
-    os.makedirs(directory)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(directory)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a read-only tmpfs needs root: {mounted.stderr.decode().strip()}")
-    try:
-        yield str(directory)
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
+    return mounted_tmpfs(str(directory), "size=1m,ro")
 
 
 def _converted(tmp_path, model_json: bytes | None) -> str:

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import OutputReader, child_env
+from conftest import OutputReader, child_env, mounted_tmpfs
 from test_fault_tolerance import _command, _run  # the demo on the image folder, logging every step
 
 from alexnet_jax import config as config_lib
@@ -77,15 +77,8 @@ def test_one_writer_per_workdir_and_a_damaged_checkpoint_set_aside(image_folder,
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MB file system: room for the lock, config.json and metrics, not for a 250 MB checkpoint."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); the Checkpointer tests cover it")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "size=4m", without="; the Checkpointer tests cover it") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_stops_the_run_with_one_line(image_folder, tiny_disk):

@@ -3,9 +3,9 @@ and a profile that cannot be written leaves the run alone (a real read-only file
 
 import glob
 import os
-import subprocess
 
 import pytest
+from conftest import mounted_tmpfs
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import profiling
@@ -39,15 +39,8 @@ def test_off_or_not_process_zero_it_does_nothing(tmp_path, spec, enabled):
 def read_only_plugins(tmp_path):
     """WORKDIR/plugins on a read-only tmpfs: root too is refused there (EROFS)."""
     workdir = tmp_path / "read_only"
-    plugins = workdir / "plugins"
-    plugins.mkdir(parents=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(plugins)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({result.stderr.decode().strip()})")
-    try:
+    with mounted_tmpfs(workdir / "plugins", "ro,size=1m"):
         yield workdir
-    finally:
-        subprocess.run(["umount", "-l", str(plugins)], check=False)
 
 
 @pytest.mark.slow
