@@ -180,6 +180,8 @@ def test_a_budget_too_short_for_anything_skips_every_cell_and_says_why(tmp_path)
 @pytest.mark.parametrize("stage", ["jax-paper-bfloat16", "torch-eager-bfloat16"])
 def test_a_worker_whose_time_is_up_starts_no_cell(tmp_path, stage):
     """The worker's own check (the driver's is above): each cell is skipped with the time it would need."""
+    if stage.startswith("torch"):
+        optional("torch")  # without torch the worker reports its cells unavailable before any budget check
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import gpu
 
