@@ -42,7 +42,12 @@ def main(argv: list[str]) -> None:
 
     try:
         # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
-        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        parallel.initialize_distributed(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_s=FLAGS.config.heartbeat_timeout_s,
+        )
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
         cli.print_error(error)

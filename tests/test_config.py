@@ -31,6 +31,9 @@ def test_the_shipped_recipes_validate(name):
         ("parallelism", "dp", "use 'pmap' or 'shard_map'"),
         ("input_scale", "centred", "use 'auto' or 'raw' or 'standardized'"),
         ("backward_impl", "cudnn", "use 'auto' or 'fast' or 'lax'"),
+        ("step_timeout_s", 0, "must be positive (seconds)"),
+        # JAX's heartbeat abort (a C++ dump) must not beat the watchdog's one line
+        ("heartbeat_timeout_s", 65, "must exceed config.peer_timeout_s=60 by at least 10 s"),
     ],
 )
 def test_bad_values_name_the_key_and_what_to_use(key, value, expected):

@@ -13,6 +13,8 @@ from alexnet_jax import optim, profiling, steps
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
+HEARTBEAT_MARGIN_S = 10  # JAX's heartbeat must leave the watchdog this long to stop the job first
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -112,6 +114,20 @@ def _loop_keys(config: ml_collections.ConfigDict) -> None:
     # Profiling (issue 22): "FIRST-LAST" (e.g. "10-15") traces those updates with jax.profiler
     # into WORKDIR/plugins/profile/ (TensorBoard's Profile tab), on process 0; "" = off.
     config.profile_steps = ""
+    _fault_keys(config)
+
+
+def _fault_keys(config: ml_collections.ConfigDict) -> None:
+    """Multi-process runs: how long to wait for a lost or hung process, and for data preparation (seconds)."""
+    # No pulse from a peer process for this long (killed, stopped, host lost): every process stops in one line.
+    config.peer_timeout_s = 60
+    # No training step for this long (a living process hangs, a collective is stuck): the same. The first step
+    # (compiling), evaluation and checkpoint writes are not timed by it.
+    config.step_timeout_s = 120
+    # jax.distributed's heartbeat: JAX aborts the job with a C++ dump after this long; kept above peer_timeout_s.
+    config.heartbeat_timeout_s = 100
+    # Processes other than 0 wait this long for process 0 to prepare a TFDS dataset (ImageNet takes hours).
+    config.prepare_timeout_s = 8 * 3600
 
 
 def _choices() -> dict[str, tuple]:
@@ -152,6 +168,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
             "config.parallelism='shard_map' runs in a single process; use 'data' (or 'pmap') for multi-process runs"
         )
     profiling.parse_steps(config.profile_steps)  # a UserError naming the format
+    _validate_timeouts(config)
     _validate_mesh(config, device_count, process_count)
     _validate_sizes(config)
     _validate_counts(config, device_count)
@@ -242,6 +259,18 @@ def _validate_grad_accum(config: ml_collections.ConfigDict, device_count: int) -
         raise UserError(
             f"config.grad_accum_steps={accum} does not divide the {per_device} examples per device "
             f"(batch_size {config.batch_size} / {device_count} devices); use a divisor of {per_device}"
+        )
+
+
+def _validate_timeouts(config: ml_collections.ConfigDict) -> None:
+    for key in ("peer_timeout_s", "step_timeout_s", "heartbeat_timeout_s", "prepare_timeout_s"):
+        if config[key] <= 0:
+            raise UserError(f"config.{key}={config[key]} must be positive (seconds)")
+    if config.heartbeat_timeout_s < config.peer_timeout_s + HEARTBEAT_MARGIN_S:
+        raise UserError(
+            f"config.heartbeat_timeout_s={config.heartbeat_timeout_s} must exceed config.peer_timeout_s="
+            f"{config.peer_timeout_s} by at least {HEARTBEAT_MARGIN_S} s, so that a lost process ends the job with "
+            "the watchdog's line rather than JAX's abort; raise it or lower peer_timeout_s"
         )
 
 

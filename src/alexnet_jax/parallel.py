@@ -84,13 +84,19 @@ def _detected_cluster() -> str | None:
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = 100,
 ) -> bool:
     """Start jax.distributed when the run spans several processes; call before any computation.
 
     Explicit flags win; otherwise a TPU pod slice, SLURM or Open MPI job is
     detected and JAX reads the cluster from its environment. Returns whether
-    the distributed runtime was started.
+    the distributed runtime was started. heartbeat_timeout_s: after this long
+    without a heartbeat JAX declares a process dead and aborts the others (with a
+    C++ dump); the watchdog's peer timeout is shorter, so its one line comes first.
     """
     explicit = coordinator_address or (num_processes or 1) > 1
     cluster = None if explicit else _detected_cluster()
@@ -107,11 +113,71 @@ def initialize_distributed(
                 "a multi-process run by hand needs all of --coordinator_address=HOST:PORT, "
                 "--num_processes=N and --process_id=I (0 <= I < N)"
             )
-        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
     else:
         log.info("detected a %s job: starting jax.distributed from its environment", cluster)
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     return True
+
+
+def coordination_client():
+    """The key-value client of jax.distributed's coordination service; None in a single process.
+
+    JAX exports no public handle to the store; Orbax reaches it the same way.
+    """
+    from jax._src import distributed
+
+    return distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def prepare_on_process_0(what: str, prepare: Callable[[], None], is_prepared: Callable[[], bool], *, timeout_s: float):
+    """Run `prepare` (unless is_prepared()) on process 0 alone; the others wait for it, then read.
+
+    Several processes preparing one dataset into one shared directory collide (TFDS's
+    final rename fails in all but one) and would do the work N times. Process 0 posts
+    the outcome in the coordination service's store; the others wait for it at most
+    timeout_s, then check that they see the prepared data too (a directory that is not
+    shared fails here, in one line, rather than in the input pipeline).
+    """
+    from alexnet_jax.errors import UserError
+
+    client = coordination_client()
+    if client is None:
+        if not is_prepared():
+            prepare()
+        return
+    key = f"alexnet_jax/prepared/{what}"
+    if jax.process_index() == 0:
+        try:
+            if not is_prepared():
+                prepare()
+        except BaseException as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            client.key_value_set(key, f"failed: {reason}", allow_overwrite=True)
+            raise
+        client.key_value_set(key, "ok", allow_overwrite=True)
+        return
+    if not is_prepared():
+        log.warning("process %d waits for process 0 to prepare %s (at most %d s)", jax.process_index(), what, timeout_s)
+    try:
+        outcome = client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception:  # XlaRuntimeError: DEADLINE_EXCEEDED
+        raise UserError(
+            f"process {jax.process_index()} waited {timeout_s:.0f} s for process 0 to prepare {what}; "
+            "raise config.prepare_timeout_s, or prepare the data once before the job (launch.py on one host)"
+        ) from None
+    if outcome != "ok":
+        raise UserError(f"process 0 could not prepare {what} ({outcome}); its log says more")
+    if not is_prepared():
+        raise UserError(
+            f"process 0 prepared {what}, but process {jax.process_index()} does not see it: config.data_dir "
+            "must be a directory that every host shares (or prepare it on each host first)"
+        )
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:

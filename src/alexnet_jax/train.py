@@ -10,6 +10,7 @@ once, in plan_run, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from alexnet_jax import (
     schemes,
     steps,
     trained,
+    watchdog,
     workdir_lock,
 )
 from alexnet_jax import config as config_lib
@@ -450,13 +452,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log.info("devices: %s", parallel.describe())
     if config.init_from:  # a bad weights path is one line now, not after TensorFlow and the data have loaded
         trained.check_path(config.init_from, flag="config.init_from")
-    lock = lock_workdir(workdir)  # before anything is written there
+    guard = start_watchdog(config, workdir)  # several processes: a lost or hung one ends the job in one line
     try:
-        # TensorFlow (seconds to load on a small machine) only once the settings and the workdir are known good.
-        cli.quiet_tensorflow()
-        return _train_and_evaluate(config, workdir)
-    finally:
-        lock.release()
+        lock = lock_workdir(workdir)  # before anything is written there
+        try:
+            # TensorFlow (seconds to load on a small machine) only once the settings and the workdir are known good.
+            cli.quiet_tensorflow()
+            state = _train_and_evaluate(config, workdir, guard)
+        finally:
+            lock.release()
+    except Exception as error:
+        guard.abandon(error)  # several processes: the others are told, and this one leaves at once
+        raise
+    guard.stop()
+    return state
+
+
+def start_watchdog(config: ml_collections.ConfigDict, workdir: str) -> watchdog.Watchdog:
+    """The watchdog of this process (threads only when there are peers to watch)."""
+    checkpoints = os.path.join(os.path.abspath(workdir), checkpoint_lib.CHECKPOINTS_DIR)
+    return watchdog.Watchdog(
+        client=parallel.coordination_client(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        peer_timeout_s=config.peer_timeout_s,
+        step_timeout_s=config.step_timeout_s,
+        resume_step=lambda: watchdog.newest_checkpoint(checkpoints),
+    ).start()
 
 
 def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
@@ -479,10 +501,11 @@ def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
     return lock
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, guard: watchdog.Watchdog) -> TrainState:
     from alexnet_jax.data import registry
 
-    source = registry.open_source_from_config(config)
+    prepare = functools.partial(parallel.prepare_on_process_0, timeout_s=config.prepare_timeout_s)
+    source = registry.open_source_from_config(config, prepare=prepare)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
     pretrained = None
@@ -525,6 +548,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     try:
         loop = dict(inputs=inputs, evaluator=evaluator, checkpointer=checkpointer, writer=writer)
         loop.update(profiler=profiling.StepProfiler(config.profile_steps, workdir, enabled=plan.is_primary))
+        loop.update(guard=guard)
         state = run_loop(state, config, plan, p_train=p_train, restored_step=resume.step, **loop)
     finally:
         checkpointer.close()
@@ -581,6 +605,7 @@ def run_loop(
     writer: metrics_lib.MetricWriter,
     restored_step: int | None,
     profiler: profiling.StepProfiler,
+    guard: watchdog.Watchdog,
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
     dropout_rng = steps.dropout_root_key(config.seed, config.prng_impl)
@@ -601,6 +626,7 @@ def run_loop(
                 meter.restart()
             else:
                 meter.steps += 1
+            guard.beat(step)  # the step clock starts after the first step: compiling it is no hang
             due = _due(step, config, plan, stop_request)
             if pending and (due.log or due.eval or due.checkpoint):
                 # Also the divergence check: raises before a bad state can be saved.
@@ -610,16 +636,19 @@ def run_loop(
                 watch.check(summary["train/data_wait_frac"])
                 pending.clear()
                 meter.restart()
-            results = evaluator(step, state) if due.eval else None
-            if due.checkpoint:
-                checkpointer.save(step, state, plan.model_meta(config), metrics=results)
+            with guard.paused():  # evaluation and checkpoint writes take longer than a step
+                results = evaluator(step, state) if due.eval else None
+                if due.checkpoint:
+                    checkpointer.save(step, state, plan.model_meta(config), metrics=results)
+                if due.stop:
+                    checkpointer.wait()
             if due.stop:
-                checkpointer.wait()
                 log.warning("stopped at step %d on request; checkpoint saved in %s", step, checkpointer.directory)
                 break
             if due.eval or due.checkpoint:
                 meter.restart()
     finally:
+        guard.idle()
         profiler.stop()  # a run that ends or stops inside the window still writes its trace
         stop_request.restore()
     return state

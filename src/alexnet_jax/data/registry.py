@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from alexnet_jax.data import packed
-from alexnet_jax.data.sources import Source, Split, image_folder, tfds_source
+from alexnet_jax.data.sources import Prepare, Source, Split, image_folder, tfds_source
 from alexnet_jax.errors import UserError
 
 
-def open_source_from_config(config, *, eval_split: str | None = None) -> Source:
+def open_source_from_config(config, *, eval_split: str | None = None, prepare: Prepare = None) -> Source:
     """open_source with a run's config keys (config.json's "config" dict works too)."""
     get = config.get
     return open_source(
@@ -29,6 +29,7 @@ def open_source_from_config(config, *, eval_split: str | None = None) -> Source:
         eval_split=eval_split or get("eval_split", "validation"),
         download=bool(get("download", False)),
         skip_bad_images=bool(get("skip_bad_images", False)),
+        prepare=prepare,
     )
 
 
@@ -41,6 +42,7 @@ def open_source(
     eval_split: str = "validation",
     download: bool = False,
     skip_bad_images: bool = False,
+    prepare: Prepare = None,
 ) -> Source:
     """Resolve a dataset name to a Source, failing early with what to do.
 
@@ -70,6 +72,7 @@ def open_source(
         train_split=train_split,
         eval_split=eval_split,
         download=download,
+        prepare=prepare,
     )
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -347,8 +348,13 @@ def tfds_source(
     train_split: str,
     eval_split: str,
     download: bool,
+    prepare: Prepare = None,
 ) -> Source:
-    """A TFDS image classification dataset, prepared on first use where that needs no download."""
+    """A TFDS image classification dataset, prepared on first use where that needs no download.
+
+    prepare: how preparation runs across processes (the loop passes parallel.prepare_on_process_0,
+    so that one process prepares and the others wait); None: here, if needed.
+    """
     import tensorflow_datasets as tfds
 
     try:
@@ -358,8 +364,15 @@ def tfds_source(
             f"config.dataset={name!r} is not a TFDS dataset, 'image_folder' or 'demo_digits' "
             f"({str(error).splitlines()[0]})"
         ) from None
-    if not builder.is_prepared():
-        _prepare(builder, name, manual_dir=manual_dir, download=download)
+    was_prepared = builder.is_prepared()
+    # Every process takes part (process 0 may see a directory the others lack); none prepares twice.
+    (prepare or _prepare_here)(
+        f"{name} in {builder.data_dir}",
+        lambda: _prepare(builder, name, manual_dir=manual_dir, download=download),
+        lambda: was_prepared or _is_prepared(name, data_dir),
+    )
+    if not was_prepared:  # this builder's info predates the preparation
+        builder = tfds.builder(name, data_dir=data_dir or None)
     image_key, label_key = _supervised_keys(builder, name)
     label_feature = builder.info.features[label_key]
     class_names = tuple(label_feature.names)
@@ -374,7 +387,24 @@ def tfds_source(
     return Source(name=name, class_names=class_names, train=splits[0], eval=splits[1])
 
 
+# (what, prepare, is_prepared) -> None: runs prepare() where it should run, unless is_prepared().
+Prepare = Callable[[str, Callable[[], None], Callable[[], bool]], None] | None
+
+
+def _prepare_here(what: str, prepare: Callable[[], None], is_prepared: Callable[[], bool]) -> None:
+    if not is_prepared():
+        prepare()
+
+
+def _is_prepared(name: str, data_dir: str) -> bool:
+    """Whether the dataset is prepared now (a fresh look: a builder remembers what it saw when made)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+
+
 def _prepare(builder, name: str, *, manual_dir: str, download: bool) -> None:
+    log.info("preparing TFDS dataset %s in %s (once; later runs read it)", name, builder.data_dir)
     import tensorflow_datasets as tfds
 
     if name.split(":")[0] == "imagenet2012":
