@@ -81,6 +81,8 @@ def test_a_cpu_run_on_an_accelerator_machine_is_refused_unless_chosen():
     accelerators.check_devices("gpu", found="gpu")
     jax.config.update("jax_platforms", "cpu")  # JAX_PLATFORMS=cpu, as the suite's child processes set it
     accelerators.check_devices("auto", found="cpu", sighting=gpu)
+    with pytest.raises(UserError, match=r"config.platform='gpu' .*JAX_PLATFORMS='cpu' rules it out: unset it"):
+        accelerators.check_devices("gpu", found="cpu")
 
 
 def test_select_platform_points_jax_at_the_config_and_refuses_unknown_names():
@@ -88,8 +90,9 @@ def test_select_platform_points_jax_at_the_config_and_refuses_unknown_names():
     try:
         accelerators.select_platform("cpu")
         assert jax.config.jax_platforms == "cpu"
-        accelerators.select_platform("gpu")  # the config decides over a JAX_PLATFORMS=cpu
-        assert jax.config.jax_platforms is None
+        jax.config.update("jax_platforms", "tpu,cpu")  # as JAX sets it on a TPU VM
+        accelerators.select_platform("tpu")
+        assert jax.config.jax_platforms == "tpu,cpu"
         with pytest.raises(UserError, match="config.platform='cuda' is unknown; use 'auto' or 'cpu'"):
             accelerators.select_platform("cuda")
     finally:
@@ -108,18 +111,26 @@ def test_launch_on_a_gpu_machine_with_a_cpu_jax_stops_in_one_line_before_any_dat
         "auto": ([], "has an NVIDIA GPU (nvidia-smi -L: GPU 0: NVIDIA H100 80GB HBM3) but JAX found only CPU"),
         "gpu": (["--config.platform=gpu"], "config.platform='gpu' but JAX found only CPU devices"),
     }
+    no_data = ["--config.dataset=image_folder", f"--config.data_dir={tmp_path / 'no_data'}"]  # refused, if read
     children = {
         name: subprocess.Popen(
-            launch_command(tmp_path / name, *overrides), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            launch_command(tmp_path / name, *no_data, *overrides),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for name, (overrides, _) in runs.items()
     }
-    for name, child in children.items():
-        _, stderr = child.communicate(timeout=300)
-        lines = stderr.decode().strip().splitlines()
-        assert child.returncode == 2 and len(lines) == 1, (name, lines)
-        assert runs[name][1] in lines[0] and "pip install -r requirements-gpu.txt" in lines[0], lines
-        assert not (tmp_path / name).exists()  # stopped before the workdir, the data and TensorFlow
+    try:
+        for name, child in children.items():
+            _, stderr = child.communicate(timeout=300)
+            lines = stderr.decode().strip().splitlines()
+            assert child.returncode == 2 and len(lines) == 1, (name, lines)
+            assert runs[name][1] in lines[0] and "pip install -r requirements-gpu.txt" in lines[0], lines
+            assert not (tmp_path / name).exists()  # stopped before the workdir, the data and TensorFlow
+    finally:
+        for child in children.values():
+            child.kill()
 
 
 @pytest.mark.slow  # about 40 CPU seconds (compiling for 8 devices): the quick lane is near its 10 minutes

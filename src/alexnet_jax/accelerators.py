@@ -48,17 +48,15 @@ class Sighting:
 def select_platform(platform: str) -> None:
     """Point JAX at config.platform; call before any JAX backend starts (before jax.distributed).
 
-    'cpu' makes JAX start the CPU alone, even where a GPU or TPU plugin is installed. 'gpu' and
-    'tpu' clear a JAX_PLATFORMS restriction, so that the config, the more specific of the two,
-    decides; check_devices then refuses a run that did not get that platform. 'auto' leaves JAX be.
+    'cpu' makes JAX start the CPU alone, even where a GPU or TPU plugin is installed. 'gpu', 'tpu'
+    and 'auto' leave JAX's own choice be (on a TPU VM JAX itself sets jax_platforms='tpu,cpu');
+    check_devices refuses a run that did not get the platform it asked for.
     """
     if platform not in PLATFORMS:
         listed = " or ".join(repr(name) for name in PLATFORMS)
         raise UserError(f"config.platform={platform!r} is unknown; use {listed}")
     if platform == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    elif platform in INSTALLS:
-        jax.config.update("jax_platforms", None)
 
 
 def check_devices(platform: str, found: str | None = None, sighting: Sighting | None = None) -> None:
@@ -70,8 +68,10 @@ def check_devices(platform: str, found: str | None = None, sighting: Sighting | 
     """
     found = found or jax.devices()[0].platform
     if platform in INSTALLS and found != platform:
+        chosen = jax.config.jax_platforms
+        remedy = f"JAX_PLATFORMS={chosen!r} rules it out: unset it" if chosen else _remedy(platform)
         raise UserError(
-            f"config.platform={platform!r} but JAX found only {found.upper()} devices: {_remedy(platform)}, "
+            f"config.platform={platform!r} but JAX found only {found.upper()} devices: {remedy}, "
             "or use --config.platform=auto to train on what JAX finds"
         )
     if platform != "auto" or found != "cpu" or jax.config.jax_platforms:
