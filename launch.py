@@ -38,9 +38,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
-    from alexnet_jax import parallel, train
+    from alexnet_jax import accelerators, parallel, train
 
     try:
+        accelerators.select_platform(FLAGS.config.platform)  # before JAX starts a backend
         # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
         parallel.initialize_distributed(
             FLAGS.coordinator_address,
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> None:
             FLAGS.process_id,
             heartbeat_timeout_s=FLAGS.config.heartbeat_timeout_s,
         )
+        accelerators.check_devices(FLAGS.config.platform)  # no training on the CPU by accident, before any data
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
         cli.print_error(error)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from alexnet_jax import accelerators, optim, profiling, steps
 from alexnet_jax import model as model_lib
-from alexnet_jax import optim, profiling, steps
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
 
@@ -77,6 +77,9 @@ def _optimisation_keys(config: ml_collections.ConfigDict) -> None:
     """The optimizer, its schedule and how the step is placed."""
     config.optimizer = "sgd"  # "sgd" (the paper's) or "lars" (large batches)
     config.lars_trust_coefficient = 0.001
+    # The devices: "auto" (what JAX finds; refused when that is the CPU of a machine with an NVIDIA GPU
+    # or a TPU), "cpu" (on purpose, even there), "gpu" or "tpu" (refused when JAX cannot start them).
+    config.platform = "auto"
     # Parallelism (README, Parallelism): how the step is placed on the devices. "pmap" or
     # "shard_map" (the whole network on every local device), "data" (jit on a global mesh,
     # multi-host), "towers" (the paper's two GPUs) or "weird_trick" (data-parallel convs,
@@ -144,6 +147,7 @@ def _choices() -> dict[str, tuple]:
         "schedule": optim.SCHEDULES,
         "optimizer": optim.OPTIMIZERS,
         "parallelism": steps.PARALLELISMS,
+        "platform": accelerators.PLATFORMS,
         "lr_scaling": optim.LR_SCALINGS,
         "resize_method": RESIZE_METHODS,
         "eval_crops": EVAL_CROPS,

@@ -76,6 +76,7 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "backward_impl",
         "group_conv",  # the same convolution, run as one grouped or two plain ones
         "parallelism",
+        "platform",  # where the same step runs ("auto" on a CPU machine is "cpu"), as parallelism
         "profile_steps",
     }
 )
