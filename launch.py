@@ -38,11 +38,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
+    import jax
+
     from alexnet_jax import parallel, train
 
     try:
         # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        cli.warnings_only_unless_primary(jax.process_index())  # a job log shows each step once
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
         cli.print_error(error)
