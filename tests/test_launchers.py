@@ -121,6 +121,22 @@ def test_slurm_hands_tasks_the_gpus_the_decision_expects(slurm, srun_options, ex
     assert [parallel.launcher_local_device_ids(env) for env in environments] == expected
 
 
+_START_AND_SAY_GPUS = (
+    "import jax; from alexnet_jax import parallel; parallel.initialize_distributed(); "
+    "print(jax.process_index(), jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()"
+)
+
+
+def test_srun_tasks_start_jax_distributed_each_restricted_to_its_share_of_the_gpus(slurm):
+    """parallel.initialize_distributed() in 2 real srun tasks of a 4-GPU node: JAX detects the job and
+    restricts each process to its 2 GPUs (JAX's own choice would be GPU 0 and GPU 1)."""
+    env = dict(child_env(1), SLURM_CONF=slurm.env["SLURM_CONF"])
+    done = slurm.run(
+        "srun", "--ntasks=2", "--gpus-per-node=4", sys.executable, "-c", _START_AND_SAY_GPUS, env=env, timeout=300
+    )
+    assert sorted(done.stdout.splitlines()) == ["0 0,1", "1 2,3"], done.stdout + done.stderr
+
+
 def _sbatch(slurm, tmp_path, workdir, digits, total_steps):
     """Submit the shipped script, its #SBATCH lines overridden for one node of 2 CPUs and 4 GPUs."""
     env = dict(slurm.env, **child_env(2), SLURM_CONF=slurm.env["SLURM_CONF"], PYTHON=sys.executable)
@@ -170,7 +186,9 @@ def test_slurm_job_trains_stops_on_slurms_signal_with_a_checkpoint_and_resumes(s
     first = _wait_until_done(slurm, job_id, output)
     process_0, process_1 = _of_task(first, 0), _of_task(first, 1)
     assert "detected a SLURM job" in process_0 and DEVICE_LINE in process_0, first[-3000:]
-    assert "GPUs 0,1 of this process" in process_0  # its half of the node's 4
+    # Each takes its half of the node's 4 GPUs (what JAX restricts it to; left alone it would say 0 and 1).
+    assert "GPUs of this process, if it has any: 0,1" in process_0
+    assert "GPUs of this process, if it has any: 2,3" in process_1  # said before it knows it is not process 0
     stops = [re.search(r"stopped at step (\d+) on request", text) for text in (process_0, process_1)]
     assert all(stops), first[-3000:]  # a warning: process 1 says it too
     stopped_at = int(stops[0].group(1))

@@ -112,9 +112,9 @@ def initialize_distributed(
     else:
         import os
 
-        device_ids = launcher_local_device_ids(os.environ)
-        log.info("detected a %s job: starting jax.distributed from its environment (%s)", cluster, _ids(device_ids))
-        jax.distributed.initialize(local_device_ids=device_ids)
+        log.info("detected a %s job: starting jax.distributed from its environment", cluster)
+        jax.distributed.initialize(local_device_ids=launcher_local_device_ids(os.environ))
+        log.info("GPUs of this process, if it has any: %s", jax.config.values["jax_cuda_visible_devices"])
     return True
 
 
@@ -209,12 +209,6 @@ def _bound_to_own_gpus(environ: Mapping[str, str], visible: list[int], tasks_on_
     # --gpu-bind=closest gives each task the GPUs near its CPUs: its own where they add up to the node's.
     node_gpus = environ.get("SLURM_GPUS_ON_NODE", "")
     return binding.startswith("closest") and node_gpus.isdigit() and len(visible) * tasks_on_node <= int(node_gpus)
-
-
-def _ids(device_ids: list[int] | None) -> str:
-    if device_ids is None:
-        return "JAX picks this process's devices"
-    return f"GPUs {','.join(map(str, device_ids))} of this process" if device_ids else "every device of this process"
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
