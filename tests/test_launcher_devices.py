@@ -73,8 +73,8 @@ def test_a_task_that_slurm_bound_to_its_own_gpu_takes_the_one_it_sees(binding):
 
 
 def test_gpus_per_task_two_takes_both_of_its_own():
-    env = slurm_task(1, 4, CUDA_VISIBLE_DEVICES="2,3", SLURMD_TRES_BIND="gpu:per_task:2", SLURM_GPUS_ON_NODE="8")
-    assert parallel.launcher_local_device_ids(env) == [0, 1]
+    env = slurm_task(1, 2, CUDA_VISIBLE_DEVICES="2,3", SLURMD_TRES_BIND="gpu:per_task:2", SLURM_GPUS_ON_NODE="4")
+    assert parallel.launcher_local_device_ids(env) == [0, 1]  # not [1], the second half of what it sees
 
 
 def test_closest_binding_counts_whether_the_tasks_gpus_are_their_own():

@@ -5,6 +5,7 @@ the SLURM node offers 4 GPUs as generic resources (slurm_cluster.FAKE_GPUS), so 
 GPU cluster's environment while JAX computes on the CPU. The job script is the one the README shows.
 """
 
+import json
 import os
 import re
 import shutil
@@ -99,11 +100,10 @@ def slurm(tmp_path_factory):
 _TASK_ENV = "import json, os; print(json.dumps(dict(os.environ)))"
 
 
-def _task_environments(slurm, *srun_options):
-    done = slurm.run("srun", *srun_options, sys.executable, "-c", _TASK_ENV, timeout=120)
-    import json
-
-    return sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda env: int(env["SLURM_LOCALID"]))
+def _task_environments(slurm, folder, *srun_options):
+    """Each task's environment, in task order (one file per task: their lines would interleave on one stream)."""
+    slurm.run("srun", f"--output={folder}/env-%t.json", *srun_options, sys.executable, "-c", _TASK_ENV, timeout=120)
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("env-*.json"))]
 
 
 @pytest.mark.parametrize(
@@ -113,11 +113,12 @@ def _task_environments(slurm, *srun_options):
         (["--ntasks=2", "--gpus-per-node=4"], [[0, 1], [2, 3]]),  # tasks sharing the node's GPUs
         (["--ntasks=2", "--gpus-per-task=1"], [[0], [0]]),  # bound by SLURM: the one each sees
         (["--ntasks=2", "--gpus-per-node=4", "--gpu-bind=single:1"], [[0], [0]]),
+        (["--ntasks=2", "--gpus-per-task=2"], [[0, 1], [0, 1]]),  # 2 of its own each
     ],
 )
-def test_slurm_hands_tasks_the_gpus_the_decision_expects(slurm, srun_options, expected):
+def test_slurm_hands_tasks_the_gpus_the_decision_expects(slurm, tmp_path, srun_options, expected):
     """The environments real srun tasks get on a node with GPUs, through launcher_local_device_ids."""
-    environments = _task_environments(slurm, *srun_options)
+    environments = _task_environments(slurm, tmp_path, *srun_options)
     assert [parallel.launcher_local_device_ids(env) for env in environments] == expected
 
 
