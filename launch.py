@@ -38,6 +38,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
+    import jax
+
     from alexnet_jax import accelerators, parallel, train
 
     try:
@@ -49,6 +51,7 @@ def main(argv: list[str]) -> None:
             FLAGS.process_id,
             heartbeat_timeout_s=FLAGS.config.heartbeat_timeout_s,
         )
+        cli.warnings_only_unless_primary(jax.process_index())  # a job log shows each step once
         accelerators.check_devices(FLAGS.config.platform)  # no training on the CPU by accident, before any data
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:

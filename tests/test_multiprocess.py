@@ -89,8 +89,8 @@ def test_two_processes_train_stop_together_and_resume(tmp_path):
     assert int(stops[1].group(1)) == stopped_at < 5
 
     second = _wait_all(_start_pair(workdir, digits, total_steps=5))
-    assert f"at step {stopped_at}" in second[0] and f"at step {stopped_at}" in second[1]
-    assert "step 5/5" in second[0]
+    assert f"at step {stopped_at}" in second[0] and "step 5/5" in second[0]
+    assert "resumed from" not in second[1] and "step 5/5" not in second[1]  # process 1: warnings and errors only
     records = metrics_lib.read_metrics(str(workdir))  # written by process 0 alone
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 6))
     evals = [r for r in records if "eval/num_examples" in r]
@@ -112,7 +112,7 @@ def test_two_hosts_train_a_model_parallel_mesh_checkpoint_resume_and_evaluate(tm
     assert "process 0 of 2; 4 local / 8 total devices" in first[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     second = _wait_all(_start_mesh_pair(workdir, digits, 3, parallelism))
-    assert all("resumed from" in output and "at step 2" in output for output in second), second[0][-3000:]
+    assert "resumed from" in second[0] and "at step 2" in second[0], second[0][-3000:]
     records = metrics_lib.read_metrics(str(workdir))
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
     evals = [r for r in records if "eval/num_examples" in r]

@@ -123,6 +123,18 @@ def setup_logging(*, level: int = logging.WARNING, project_level: int | None = N
         logging.getLogger("alexnet_jax").setLevel(project_level)
 
 
+def warnings_only_unless_primary(process_index: int) -> None:
+    """Processes other than 0 log warnings and errors only.
+
+    srun and mpirun merge every process's output into one job log; there each step, evaluation and
+    save is then said once (by process 0), while any process's warnings and errors still show.
+    absl's logger (Orbax) stays at ERROR as setup_logging left it.
+    """
+    if process_index != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("alexnet_jax").setLevel(logging.WARNING)
+
+
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Decorate a tool's main(argv): a UserError is printed as one line and returns 2."""
 

@@ -6,7 +6,8 @@ import collections
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -120,8 +121,13 @@ def initialize_distributed(
             heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
     else:
+        import os
+
         log.info("detected a %s job: starting jax.distributed from its environment", cluster)
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+        jax.distributed.initialize(
+            local_device_ids=launcher_local_device_ids(os.environ), heartbeat_timeout_seconds=heartbeat_timeout_s
+        )
+        log.info("GPUs of this process, if it has any: %s", jax.config.values["jax_cuda_visible_devices"])
     return True
 
 
@@ -178,6 +184,99 @@ def prepare_on_process_0(what: str, prepare: Callable[[], None], is_prepared: Ca
             f"process 0 prepared {what}, but process {jax.process_index()} does not see it: config.data_dir "
             "must be a directory that every host shares (or prepare it on each host first)"
         )
+
+
+# SLURM's per-task GPU bindings (srun --gpu-bind=..., implied by --gpus-per-task), as slurmd passes them on
+# to the task in SLURMD_TRES_BIND, e.g. "gpu:per_task:1" or "gpu:single:1".
+_OWN_GPUS_BINDINGS = ("per_task", "single", "map_gpu", "mask_gpu")
+
+
+def launcher_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
+    """Which GPUs this SLURM or Open MPI task takes: every one its launcher gave it, in either layout.
+
+    Left to itself, jax.distributed.initialize() restricts each SLURM or Open MPI process to the one
+    GPU numbered like its local rank (jax/_src/clusters/cluster.py), so one task per node on an 8-GPU
+    node trains on one GPU, and a task that SLURM bound to its own GPU asks for one it cannot see.
+    Here, from the environment alone (no GPU is touched before JAX starts):
+
+    - a task that SLURM bound to its own GPUs (--gpus-per-task, --gpu-bind=single/per_task/map_gpu),
+      a task alone on its node, or one that sees fewer GPUs than there are tasks on its node (a
+      wrapper set CUDA_VISIBLE_DEVICES per rank) takes every GPU it sees;
+    - tasks that see the same GPUs (--ntasks-per-node=8 --gpus-per-node=8, or mpirun -np 8 on a node
+      whose CUDA_VISIBLE_DEVICES lists 8) split them evenly by local rank;
+    - where nothing says how many GPUs there are (mpirun without CUDA_VISIBLE_DEVICES), one task per
+      node takes them all and several take one each, by local rank, as JAX does.
+
+    Returns the ids for jax.distributed.initialize(local_device_ids=...), numbered as this process
+    sees its GPUs (after CUDA_VISIBLE_DEVICES): [] for no restriction (JAX restricts only for a
+    non-empty list), None where JAX should decide (not a launcher's task, or the user set
+    JAX_LOCAL_DEVICE_IDS). The CPU backend ignores it, and JAX itself never restricts TPUs.
+    """
+    if environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    task = _launcher_task(environ)
+    if task is None:
+        return None
+    local_rank, tasks_on_node = task
+    visible = _visible_gpus(environ)
+    if visible is None:  # nothing says how many: all of them for a lone task, else one each (mpirun -np GPUS)
+        return [] if tasks_on_node == 1 else [local_rank]
+    if tasks_on_node == 1 or len(visible) < tasks_on_node or _bound_to_own_gpus(environ, visible, tasks_on_node):
+        return visible
+    if len(visible) % tasks_on_node:
+        from alexnet_jax.errors import UserError
+
+        raise UserError(
+            f"the {len(visible)} GPUs of this node do not split evenly among its {tasks_on_node} tasks: "
+            "start one task per node (all its GPUs) or one task per GPU"
+        )
+    share = len(visible) // tasks_on_node
+    return visible[local_rank * share : (local_rank + 1) * share]
+
+
+def _launcher_task(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(local rank, tasks on this node) of an Open MPI or SLURM task, checked in JAX's order; else None."""
+    if "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_LOCAL_RANK" in environ:
+        return int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if not all(name in environ for name in slurm):  # what JAX's SlurmCluster needs
+        return None
+    return int(environ["SLURM_LOCALID"]), _slurm_tasks_on_node(environ)
+
+
+def _slurm_tasks_on_node(environ: Mapping[str, str]) -> int:
+    """SLURM_STEP_TASKS_PER_NODE, e.g. "8(x4)" or "2(x3),1" (one count per node), for this node."""
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = []
+        for part in environ.get(name, "").split(","):
+            if match := re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip()):
+                counts += [int(match.group(1))] * int(match.group(2) or 1)
+        if len(set(counts)) == 1:
+            return counts[0]
+        node = int(environ.get("SLURM_NODEID", -1))
+        if 0 <= node < len(counts):
+            return counts[node]
+    return 1
+
+
+def _visible_gpus(environ: Mapping[str, str]) -> list[int] | None:
+    """The GPU ordinals this process sees; None where the environment does not say."""
+    if (listed := environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return list(range(len([entry for entry in listed.split(",") if entry.strip()])))
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):  # physical indices: nothing renumbered them
+        if listed := environ.get(name):
+            return [int(entry) for entry in listed.split(",") if entry.strip().isdigit()]
+    return None
+
+
+def _bound_to_own_gpus(environ: Mapping[str, str], visible: list[int], tasks_on_node: int) -> bool:
+    """Whether SLURM gave this task GPUs of its own (its CUDA_VISIBLE_DEVICES lists just those)."""
+    binding = environ.get("SLURMD_TRES_BIND", "").partition("gpu:")[2]
+    if binding.startswith(_OWN_GPUS_BINDINGS):
+        return True
+    # --gpu-bind=closest gives each task the GPUs near its CPUs: its own where they add up to the node's.
+    node_gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+    return binding.startswith("closest") and node_gpus.isdigit() and len(visible) * tasks_on_node <= int(node_gpus)
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
