@@ -517,12 +517,12 @@ def tfrecord_builder(name: str, data_dir: str, *, convert: bool):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir or None)
-    if random_access(builder):
-        return builder
-    if convert:
+    if convert and not random_access(builder):
         log.warning("converting %s to ArrayRecord (once; the TFRecord files are kept)", builder.data_dir)
         convert_to_array_record(builder)
-        return tfds.builder(name, data_dir=data_dir or None)
+    if random_access(builder):  # converted: read the ArrayRecord copy
+        builder.info.set_file_format("array_record", override=True, override_if_initialized=True)
+        return builder
     log.warning(
         "%s is prepared as TFRecord, which is read as a stream: a resumed run re-reads the start of its epoch. "
         "Convert it once to ArrayRecord (random access, resume in constant time): run again with "
