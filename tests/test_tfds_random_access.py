@@ -28,7 +28,7 @@ def test_every_epoch_is_one_permutation_dealt_out_to_the_processes(num_examples)
     share = num_examples // 2
     epochs = 3
     drawn = {p: _order(num_examples, 5, 0, share * epochs, p, 2) for p in range(2)}
-    for process_index, order in drawn.items():
+    for order in drawn.values():
         np.testing.assert_array_equal(order[:, 1], np.arange(share * epochs))  # positions count on
     seen_by_epoch = []
     for epoch in range(epochs):
