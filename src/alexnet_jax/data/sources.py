@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -488,8 +489,10 @@ def tfds_source(
     """A TFDS image classification dataset, prepared on first use (as ArrayRecord) where that needs no download."""
     import tensorflow_datasets as tfds
 
+    # array-record has Linux wheels only: elsewhere TFDS writes (and this reads) TFRecord.
+    file_format = "array_record" if importlib.util.find_spec("array_record") else None
     try:
-        builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+        builder = tfds.builder(name, data_dir=data_dir or None, file_format=file_format)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise UserError(
             f"config.dataset={name!r} is not a TFDS dataset, 'image_folder' or 'demo_digits' "
@@ -517,7 +520,8 @@ def tfds_source(
 def random_access(builder) -> bool:
     """Whether a prepared TFDS dataset can be read by index (ArrayRecord, prepared so or converted)."""
     proto = builder.info.as_proto
-    return "array_record" in (proto.file_format, *proto.alternative_file_formats)
+    formats = (proto.file_format, *proto.alternative_file_formats)
+    return "array_record" in formats and importlib.util.find_spec("array_record") is not None
 
 
 def tfrecord_builder(name: str, data_dir: str, *, convert: bool):
