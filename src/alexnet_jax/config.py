@@ -32,6 +32,9 @@ def _data_keys(config: ml_collections.ConfigDict) -> None:
     config.train_split = "train"
     config.eval_split = "validation"
     config.download = False  # let TFDS download a dataset that is not prepared yet
+    # A TFDS dataset prepared as TFRecord (before ArrayRecord became the default): True copies it
+    # once to ArrayRecord beside it, which resumes in constant time and shuffles whole epochs.
+    config.convert_to_array_record = False
     config.num_classes = -1  # -1 = from the dataset
     config.image_size = 224
     config.resize_size = -1  # shorter side before cropping; -1 = image_size * 256 / 224

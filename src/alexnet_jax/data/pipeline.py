@@ -1,8 +1,9 @@
 """tf.data pipelines over any split of encoded images: per-process shard, order, decode + augment, batch.
 
-Training order is a pure function of (seed, epoch, position) for file-backed
-splits, so a run resumed at step k starts reading exactly where step k left off,
-at a cost that does not grow with the position. Evaluation pads every process to
+Training order is a pure function of (seed, epoch, position) for splits read by
+index (image files, TFDS ArrayRecord: sources.train_order), so a run resumed at
+step k starts reading exactly where step k left off, at a cost that does not grow
+with the position; a TFDS TFRecord split re-reads the start of its epoch. Evaluation pads every process to
 the same number of batches and marks padding with mask 0, so every example counts
 exactly once on any device and process count. The splits (sources.py) say how to
 list and read their examples; nothing here asks which kind of split it holds.

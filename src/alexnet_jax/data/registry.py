@@ -28,6 +28,7 @@ def open_source_from_config(config, *, eval_split: str | None = None, prepare: P
         train_split=get("train_split", "train"),
         eval_split=eval_split or get("eval_split", "validation"),
         download=bool(get("download", False)),
+        convert_to_array_record=bool(get("convert_to_array_record", False)),
         skip_bad_images=bool(get("skip_bad_images", False)),
         prepare=prepare,
     )
@@ -42,6 +43,7 @@ def open_source(
     eval_split: str = "validation",
     download: bool = False,
     skip_bad_images: bool = False,
+    convert_to_array_record: bool = False,
     prepare: Prepare = None,
 ) -> Source:
     """Resolve a dataset name to a Source, failing early with what to do.
@@ -72,6 +74,7 @@ def open_source(
         train_split=train_split,
         eval_split=eval_split,
         download=download,
+        convert_to_array_record=convert_to_array_record,
         prepare=prepare,
     )
 

@@ -7,6 +7,8 @@ and augmentation happen later, in the pipeline, so a crop can be decoded alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import logging
 import math
 import os
@@ -28,6 +30,7 @@ PNG_END = b"IEND"
 # The end marker must lie in the file's last bytes: encoders may pad a little after it.
 TAIL_BYTES = 1024
 BAD_IMAGES_SHOWN = 10
+READ_BATCH = 64  # records an ArrayRecord split reads per call (array_record reads them in parallel)
 
 log = logging.getLogger("alexnet_jax.data")
 
@@ -99,25 +102,12 @@ class FileSplit(Split):
         return tf.data.Dataset.from_tensor_slices((self.paths[indices], self.labels[indices]))
 
     def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
-        """Each epoch a fresh order, a pure function of (seed, epoch): resuming costs nothing."""
+        """train_order's indices as files: resuming costs nothing."""
         import tensorflow as tf
 
-        indices = local_indices(self.num_examples, process_index, process_count)
-        num_local = len(indices)
-        paths, labels = tf.constant(self.paths[indices]), tf.constant(self.labels[indices])
-        first_epoch, offset = divmod(start_position, num_local)
-
-        def epoch_examples(epoch):
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(num_local, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64) * 2 + 1, epoch])
-            )
-            start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
-            positions = epoch * num_local + tf.range(start, num_local, dtype=tf.int64)
-            order = order[start:]
-            return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order), positions))
-
-        epoch_examples = tf.autograph.experimental.do_not_convert(epoch_examples)  # as pipeline.py's functions
-        return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
+        paths, labels = tf.constant(self.paths), tf.constant(self.labels)
+        order = train_order(self.num_examples, seed, start_position, process_index, process_count)
+        return order.map(lambda index, position: (tf.gather(paths, index), tf.gather(labels, index), position))
 
     def encoded(self, indices: set[int]) -> dict[int, bytes]:
         result = {}
@@ -135,8 +125,95 @@ class FileSplit(Split):
 
 
 @dataclasses.dataclass(frozen=True)
+class ArrayRecordSplit(Split):
+    """A split of a TFDS dataset prepared as ArrayRecord: read by index, so its order is train_order's.
+
+    Records are read in small batches of indices (array_record reads them in
+    parallel) and parsed inside tf.data; the image stays encoded (SkipDecoding),
+    so decode and augmentation are the pipeline's, as for image files.
+    """
+
+    builder: object  # tfds.core.DatasetBuilder
+    split: str
+    image_key: str
+    label_key: str
+    num_examples: int
+
+    @functools.cached_property
+    def _records(self):
+        """The split's serialized records by index (array_record's own reader: no per-record Python decode)."""
+        import tensorflow_datasets as tfds
+
+        raw = tfds.decode.DeserializeMethod.RAW_BYTES
+        return self.builder.as_data_source(self.split, deserialize_method=raw).data_source
+
+    def _read(self, indices_and_more):
+        """tf.data of (index, *more) -> (encoded image, label, *more), in order.
+
+        A batch of READ_BATCH records is one read and one parse (tf.train.Example
+        features, as TFDS wrote them): the per-record cost stays close to reading
+        image files.
+        """
+        import tensorflow as tf
+
+        records = self._records
+        spec = {key: tf.io.FixedLenFeature([], tf.as_dtype(self._serialized[key].dtype)) for key in self._keys}
+
+        def read_batch(indices):
+            return np.array(records.__getitems__(indices.tolist()), dtype=object)
+
+        @tf.autograph.experimental.do_not_convert
+        def read_and_parse(indices, *more):
+            data = tf.ensure_shape(tf.numpy_function(read_batch, [indices], tf.string, stateful=False), indices.shape)
+            example = tf.io.parse_example(data, spec)
+            return (example[self.image_key], example[self.label_key], *more)
+
+        batches = indices_and_more.batch(READ_BATCH).map(read_and_parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return batches.unbatch()
+
+    @property
+    def _keys(self) -> tuple[str, str]:
+        return self.image_key, self.label_key
+
+    @functools.cached_property
+    def _serialized(self) -> dict:
+        """How TFDS stored each feature: the image and label must be single values (bytes, an int), as in
+        every image classification set, so that a batch parses in one op."""
+        serialized = self.builder.info.features.get_serialized_info()
+        for key in self._keys:
+            if getattr(serialized.get(key), "shape", None) != ():
+                raise UserError(f"TFDS feature {key!r} of {self.builder.name} is not stored as one value per example")
+        return serialized
+
+    def examples(self, process_index: int = 0, process_count: int = 1):
+        import tensorflow as tf
+
+        indices = local_indices(self.num_examples, process_index, process_count)
+        return self._read(tf.data.Dataset.from_tensor_slices(indices))
+
+    def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
+        """train_order's indices as records: a resumed run seeks to its position in constant time."""
+        return self._read(train_order(self.num_examples, seed, start_position, process_index, process_count))
+
+    def encoded(self, indices: set[int]) -> dict[int, bytes]:
+        import tensorflow as tf
+
+        wanted = sorted(indices)
+        found = self._read(tf.data.Dataset.from_tensor_slices(np.array(wanted, np.int64)))
+        return {index: image for index, (image, _) in zip(wanted, found.as_numpy_iterator())}
+
+    def describe(self, index: int) -> str:
+        return f"{self.split}[{index}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class TfdsSplit(Split):
-    """A split of a prepared TFDS dataset, read as a stream of records (the one TFDS reader)."""
+    """A split of a TFDS dataset prepared as TFRecord: a stream, so each epoch's order is a seeded shuffle of it.
+
+    Epoch e's stream is a pure function of (seed, e): a resumed run starts at its
+    epoch and skips only the records before its position in that epoch. Converting
+    the dataset to ArrayRecord (convert_to_array_record) makes that skip free.
+    """
 
     builder: object  # tfds.core.DatasetBuilder
     split: str
@@ -145,14 +222,17 @@ class TfdsSplit(Split):
     num_examples: int
     shuffle_buffer: int = 10_000
 
-    def _records(self, process_index: int, process_count: int, shuffle_seed: int | None = None):
+    def _subsplit(self, process_index: int, process_count: int):
         import tensorflow_datasets as tfds
 
-        subsplit = tfds.even_splits(self.split, n=process_count, drop_remainder=False)[process_index]
-        read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16, interleave_block_length=1)
+        return tfds.even_splits(self.split, n=process_count, drop_remainder=False)[process_index]
+
+    def _records(self, process_index: int, process_count: int):
+        import tensorflow_datasets as tfds
+
+        read_config = tfds.ReadConfig(interleave_cycle_length=16, interleave_block_length=1)
         dataset = self.builder.as_dataset(
-            split=subsplit,
-            shuffle_files=shuffle_seed is not None,
+            split=self._subsplit(process_index, process_count),
             decoders={self.image_key: tfds.decode.SkipDecoding()},
             read_config=read_config,
         )
@@ -162,11 +242,20 @@ class TfdsSplit(Split):
         return self._records(process_index, process_count)
 
     def train_examples(self, seed: int, start_position: int, process_index: int, process_count: int):
-        # A record file is read as a stream: resuming skips start_position records.
-        dataset = self._records(process_index, process_count, shuffle_seed=seed)
-        dataset = dataset.repeat().shuffle(self.shuffle_buffer, seed=seed)
-        dataset = dataset.enumerate().map(lambda position, example: (example[0], example[1], position))
-        return dataset.skip(start_position)
+        import tensorflow as tf
+
+        records = self._records(process_index, process_count)
+        num_local = self.builder.info.splits[self._subsplit(process_index, process_count)].num_examples
+        first_epoch, offset = divmod(start_position, num_local)
+
+        @tf.autograph.experimental.do_not_convert
+        def epoch_examples(epoch):
+            shuffled = records.shuffle(self.shuffle_buffer, seed=_epoch_seed(seed, epoch)[1])
+            positions = tf.data.Dataset.range(epoch * num_local, (epoch + 1) * num_local)
+            stream = tf.data.Dataset.zip(shuffled, positions).map(lambda example, position: (*example, position))
+            return stream.skip(tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0))
+
+        return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
 
     def describe(self, index: int) -> str:
         return f"{self.split}[{index}]"
@@ -175,6 +264,54 @@ class TfdsSplit(Split):
 def local_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
     """The examples process i reads: i, i + P, i + 2P, ... (sizes differ by at most one)."""
     return np.arange(process_index, num_examples, process_count, dtype=np.int64)
+
+
+def _epoch_seed(seed, epoch):
+    """The stateless seed of an epoch's order (int64 [2])."""
+    import tensorflow as tf
+
+    return tf.stack([tf.cast(seed, tf.int64) * 2 + 1, tf.cast(epoch, tf.int64)])
+
+
+def epoch_order(num_examples: int, seed, epoch, process_index: int, process_count: int):
+    """int64 [num_examples // process_count]: the examples this process reads in `epoch`, in order.
+
+    One permutation of the whole split per epoch, a pure function of (seed, epoch);
+    process i takes its positions i, i + P, i + 2P, ... So within an epoch the
+    processes together read every example once (less the num_examples % P left
+    over, a different few each epoch), and each epoch deals them out afresh.
+    """
+    import tensorflow as tf
+
+    share = num_examples // process_count
+    permutation = tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples, dtype=tf.int64), seed=_epoch_seed(seed, epoch)
+    )
+    return permutation[process_index : share * process_count : process_count]
+
+
+def train_order(num_examples: int, seed: int, start_position: int, process_index: int, process_count: int):
+    """Endless tf.data of (example index, stream position), from start_position on: the one training order.
+
+    Position p of this process's stream is epoch p // share, place p % share of
+    epoch_order: a resumed run builds its epoch's order and starts at its place,
+    at a cost that does not grow with the position.
+    """
+    import tensorflow as tf
+
+    share = num_examples // process_count
+    if share == 0:
+        raise UserError(f"{num_examples} training examples cannot be shared by {process_count} processes")
+    first_epoch, offset = divmod(start_position, share)
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch_examples(epoch):
+        start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
+        order = epoch_order(num_examples, seed, epoch, process_index, process_count)[start:]
+        positions = epoch * share + tf.range(start, share, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((order, positions))
+
+    return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
 
 
 def eval_steps(num_examples: int, per_process_batch: int, process_count: int) -> int:
@@ -348,31 +485,37 @@ def tfds_source(
     train_split: str,
     eval_split: str,
     download: bool,
+    convert_to_array_record: bool = False,
     prepare: Prepare = None,
 ) -> Source:
-    """A TFDS image classification dataset, prepared on first use where that needs no download.
+    """A TFDS image classification dataset, prepared on first use (as ArrayRecord) where that needs no download.
 
-    prepare: how preparation runs across processes (the loop passes parallel.prepare_on_process_0,
-    so that one process prepares and the others wait); None: here, if needed.
+    prepare: how preparation (and a conversion) runs across processes (the loop passes
+    parallel.prepare_on_process_0: one process works, the others wait); None: here, if needed.
     """
+    prepare = prepare or _prepare_here
     import tensorflow_datasets as tfds
 
+    # array-record has Linux wheels only: elsewhere TFDS writes (and this reads) TFRecord.
+    file_format = "array_record" if importlib.util.find_spec("array_record") else None
     try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
+        builder = tfds.builder(name, data_dir=data_dir or None, file_format=file_format)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise UserError(
             f"config.dataset={name!r} is not a TFDS dataset, 'image_folder' or 'demo_digits' "
             f"({str(error).splitlines()[0]})"
         ) from None
+    except ValueError:  # "File format is already set": prepared earlier, as TFRecord
+        builder = tfrecord_builder(name, data_dir, convert=convert_to_array_record, prepare=prepare)
     was_prepared = builder.is_prepared()
     # Every process takes part (process 0 may see a directory the others lack); none prepares twice.
-    (prepare or _prepare_here)(
+    prepare(
         f"{name} in {builder.data_dir}",
         lambda: _prepare(builder, name, manual_dir=manual_dir, download=download),
-        lambda: was_prepared or _is_prepared(name, data_dir),
+        lambda: was_prepared or _is_prepared(name, data_dir, file_format),
     )
     if not was_prepared:  # this builder's info predates the preparation
-        builder = tfds.builder(name, data_dir=data_dir or None)
+        builder = tfds.builder(name, data_dir=data_dir or None, file_format=file_format)
     image_key, label_key = _supervised_keys(builder, name)
     label_feature = builder.info.features[label_key]
     class_names = tuple(label_feature.names)
@@ -383,7 +526,8 @@ def tfds_source(
                 f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}: "
                 "set config.train_split / config.eval_split"
             )
-        splits.append(TfdsSplit(builder, split, image_key, label_key, builder.info.splits[split].num_examples))
+        split_class = ArrayRecordSplit if random_access(builder) else TfdsSplit
+        splits.append(split_class(builder, split, image_key, label_key, builder.info.splits[split].num_examples))
     return Source(name=name, class_names=class_names, train=splits[0], eval=splits[1])
 
 
@@ -396,11 +540,81 @@ def _prepare_here(what: str, prepare: Callable[[], None], is_prepared: Callable[
         prepare()
 
 
-def _is_prepared(name: str, data_dir: str) -> bool:
+def _is_prepared(name: str, data_dir: str, file_format: str | None) -> bool:
     """Whether the dataset is prepared now (a fresh look: a builder remembers what it saw when made)."""
     import tensorflow_datasets as tfds
 
-    return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+    return tfds.builder(name, data_dir=data_dir or None, file_format=file_format).is_prepared()
+
+
+def random_access(builder) -> bool:
+    """Whether a prepared TFDS dataset can be read by index (ArrayRecord, prepared so or converted)."""
+    proto = builder.info.as_proto
+    formats = (proto.file_format, *proto.alternative_file_formats)
+    return "array_record" in formats and importlib.util.find_spec("array_record") is not None
+
+
+def tfrecord_builder(name: str, data_dir: str, *, convert: bool, prepare: Prepare = None):
+    """The builder of a dataset prepared as TFRecord: converted to ArrayRecord if asked, else with a warning.
+
+    Until converted it still trains, but each resume re-reads the start of its
+    epoch; the warning names the conversion. TFDS's own `tfds convert_format`
+    does the same copy, but its command line needs apache-beam installed.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if convert:  # by one process (prepare), as a preparation is
+        (prepare or _prepare_here)(
+            f"the ArrayRecord copy of {builder.data_dir}",
+            lambda: _convert_logged(builder),
+            lambda: random_access(tfds.builder(name, data_dir=data_dir or None)),
+        )
+        builder = tfds.builder(name, data_dir=data_dir or None)  # its info now lists the copy
+    if random_access(builder):  # converted: read the ArrayRecord copy
+        builder.info.set_file_format("array_record", override=True, override_if_initialized=True)
+        return builder
+    log.warning(
+        "%s is prepared as TFRecord, which is read as a stream: a resumed run re-reads the start of its epoch. "
+        "Convert it once to ArrayRecord (random access, resume in constant time): run again with "
+        "--config.convert_to_array_record=True, or: pip install apache-beam && tfds convert_format "
+        "--dataset_version_dir=%s --out_file_format=array_record",
+        builder.data_dir,
+        builder.data_dir,
+    )
+    return builder
+
+
+def _convert_logged(builder) -> None:
+    log.warning("converting %s to ArrayRecord (once; the TFRecord files are kept)", builder.data_dir)
+    convert_to_array_record(builder)
+
+
+def convert_to_array_record(builder) -> None:
+    """Write an ArrayRecord copy of every TFRecord shard beside it and list the format in dataset_info.json.
+
+    What `tfds convert_format` does in place: the records' bytes are copied
+    unchanged, shard by shard; a shard is renamed into place only when complete,
+    so an interrupted conversion starts again where it stopped.
+    """
+    from tensorflow_datasets.core import dataset_info as dataset_info_lib
+    from tensorflow_datasets.core import file_adapters
+    from tensorflow_datasets.core.utils import py_utils
+
+    tfrecord = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.TFRECORD]
+    array_record = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
+    for split_info in builder.info.splits.values():
+        for path in split_info.filepaths:
+            target = path.parent / path.name.replace(f".{tfrecord.FILE_SUFFIX}-", f".{array_record.FILE_SUFFIX}-")
+            if target.exists():
+                continue
+            records = ((index, record.numpy()) for index, record in enumerate(tfrecord.make_tf_data(path)))
+            with py_utils.incomplete_file(target) as partial:
+                array_record.write_examples(partial, records)
+    proto = builder.info.as_proto
+    if "array_record" not in proto.alternative_file_formats:
+        proto.alternative_file_formats.append("array_record")
+    dataset_info_lib.write_dataset_info_proto(proto, dataset_info_dir=builder.data_path)
 
 
 def _prepare(builder, name: str, *, manual_dir: str, download: bool) -> None:
