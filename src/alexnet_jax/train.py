@@ -78,6 +78,11 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "parallelism",
         "platform",  # where the same step runs ("auto" on a CPU machine is "cpu"), as parallelism
         "profile_steps",
+        # how long a multi-process job waits for a lost process or for data preparation
+        "peer_timeout_s",
+        "step_timeout_s",
+        "heartbeat_timeout_s",
+        "prepare_timeout_s",
     }
 )
 
