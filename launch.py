@@ -40,12 +40,13 @@ def main(argv: list[str]) -> None:
     cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
     import jax
 
-    from alexnet_jax import accelerators, parallel, train
+    from alexnet_jax.parallel import accelerators, distributed
+    from alexnet_jax.training import train
 
     try:
         accelerators.select_platform(FLAGS.config.platform)  # before JAX starts a backend
         # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
-        parallel.initialize_distributed(
+        distributed.initialize_distributed(
             FLAGS.coordinator_address,
             FLAGS.num_processes,
             FLAGS.process_id,

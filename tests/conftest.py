@@ -137,7 +137,7 @@ def optional_torch_without_triton():
     """torch's triton (its GPU code generator) segfaults a process that has loaded TensorFlow, when
     torchvision imports it through torch._dynamo; a pytest-xdist worker runs many files, so block it
     here as export.without_triton does in the tool. No test compiles with torch in this process."""
-    from alexnet_jax import export
+    from alexnet_jax.commands import export
 
     export.without_triton()
 

@@ -45,7 +45,7 @@ def test_bad_values_name_the_key_and_what_to_use(key, value, expected):
 
 
 def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
-    from alexnet_jax import runinfo
+    from alexnet_jax.checkpointing import runinfo
 
     assert runinfo.resize_method({"config": {"resize_method": "bilinear"}}) == "bilinear"
     assert runinfo.resize_method({"config": {"resize_method": "area"}}) == "area"
@@ -55,7 +55,8 @@ def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
 
 
 def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_variant():
-    from alexnet_jax import train, trained
+    from alexnet_jax.checkpointing import trained
+    from alexnet_jax.training import train
 
     def pretrained(scale):
         return trained.TrainedModel(

@@ -29,9 +29,11 @@ def test_src_has_no_import_cycle():
     # The three repairs of issue 22, edge by edge.
     assert not edges["alexnet_jax.data.sources"] & {"alexnet_jax.data.packed", "alexnet_jax.data.pipeline"}
     assert {"alexnet_jax.data.sources", "alexnet_jax.data.packed"} <= edges["alexnet_jax.data.registry"]
-    assert "alexnet_jax.evaluate" not in edges["alexnet_jax.train"]
-    assert "alexnet_jax.evaluation" in edges["alexnet_jax.train"] & edges["alexnet_jax.evaluate"]
-    assert {"alexnet_jax.checkpoint_manifest", "alexnet_jax.checkpoint_storage"} <= edges["alexnet_jax.checkpoint"]
+    assert "alexnet_jax.commands.evaluate" not in edges["alexnet_jax.training.train"]
+    assert "alexnet_jax.evaluation.core" in edges["alexnet_jax.training.train"] & edges["alexnet_jax.commands.evaluate"]
+    assert {"alexnet_jax.checkpointing.manifest", "alexnet_jax.checkpointing.storage"} <= edges[
+        "alexnet_jax.checkpointing.checkpoint"
+    ]
 
 
 def test_a_cycle_through_a_deferred_import_is_found(tmp_path):

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint_manifest
-from alexnet_jax.checkpoint import Checkpointer
-from alexnet_jax.checkpoint_manifest import MANIFEST_NAME
-from alexnet_jax.checkpoint_storage import StorageError
+from alexnet_jax.checkpointing import manifest
+from alexnet_jax.checkpointing.checkpoint import Checkpointer
+from alexnet_jax.checkpointing.manifest import MANIFEST_NAME
+from alexnet_jax.checkpointing.storage import StorageError
 from alexnet_jax.errors import UserError
 
 META = {"model": "paper", "num_classes": 3, "optimizer": "sgd"}
@@ -96,7 +96,7 @@ def test_every_finished_save_carries_a_manifest_of_its_files(tmp_path):
     for name, entry in record["files"].items():
         data = (step_dir / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert checkpoint_manifest.verify_step(str(step_dir)) == checkpoint_manifest.Verdict(manifest=True)
+    assert manifest.verify_step(str(step_dir)) == manifest.Verdict(manifest=True)
 
 
 def test_only_the_primary_process_writes_manifests(tmp_path):
@@ -120,7 +120,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restores(tm
     damaged = _largest_file(directory / "2")
     damage(damaged)
     checkpointer = Checkpointer(str(tmp_path))  # as the restarted run sees it
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpointing.checkpoint"):
         step, restored = checkpointer.restore_verified(states[1])
     assert step == 1
     _assert_bitwise_equal(restored, states[1])
@@ -142,7 +142,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restores(tm
 def test_a_checkpoint_without_a_manifest_restores_with_a_note(tmp_path, caplog):
     states = _save(tmp_path, 4)
     os.remove(tmp_path / "checkpoints" / "4" / MANIFEST_NAME)  # as saved before manifests existed
-    with caplog.at_level(logging.INFO, logger="alexnet_jax.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="alexnet_jax.checkpointing.checkpoint"):
         step, restored = Checkpointer(str(tmp_path)).restore_verified(states[4])
     assert step == 4
     _assert_bitwise_equal(restored, states[4])
@@ -158,7 +158,7 @@ def test_a_checkpoint_orbax_cannot_read_is_damage_too_without_a_manifest(tmp_pat
     step_dir = tmp_path / "checkpoints" / "2"
     os.remove(step_dir / MANIFEST_NAME)
     _truncate(_largest_file(step_dir))
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpointing.checkpoint"):
         step, restored = Checkpointer(str(tmp_path)).restore_verified(states[1])
     assert step == 1
     _assert_bitwise_equal(restored, states[1])
@@ -258,7 +258,7 @@ def test_a_read_only_checkpoint_directory_fails_before_orbax_starts(small_disk):
 
 def test_free_space_is_checked_at_start_up(small_disk, caplog):
     checkpointer = Checkpointer(str(small_disk / "run"), keep=3)
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.checkpointing.checkpoint"):
         assert checkpointer.check_free_space(_state(0, big=10_000))  # 5 x 0.17 MB fit in 8 MB
         assert not checkpointer.check_free_space(_state(0, big=500_000))  # 5 x 2.1 MB do not
     checkpointer.close()

@@ -12,12 +12,12 @@ import textwrap
 import time
 
 import pytest
+from conftest import REPO
 
-from alexnet_jax import workdir_lock
+from alexnet_jax.checkpointing import workdir_lock
+from alexnet_jax.checkpointing.workdir_lock import LOCK_NAME, Holder, WorkdirLock
 from alexnet_jax.errors import UserError
-from alexnet_jax.workdir_lock import LOCK_NAME, Holder, WorkdirLock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 60
 
 
@@ -35,7 +35,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 TRY_ACQUIRE = """
     import sys
     from alexnet_jax.errors import UserError
-    from alexnet_jax.workdir_lock import WorkdirLock
+    from alexnet_jax.checkpointing.workdir_lock import WorkdirLock
     try:
         WorkdirLock(sys.argv[1]).acquire()
     except UserError as error:
@@ -46,7 +46,7 @@ TRY_ACQUIRE = """
 
 HOLD = """
     import sys, time
-    from alexnet_jax.workdir_lock import WorkdirLock
+    from alexnet_jax.checkpointing.workdir_lock import WorkdirLock
     lock = WorkdirLock(sys.argv[1]).acquire()
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -133,7 +133,7 @@ def test_a_run_that_exits_without_releasing_leaves_no_lock(tmp_path):
     result = _run(
         """
         import sys
-        from alexnet_jax.workdir_lock import WorkdirLock
+        from alexnet_jax.checkpointing.workdir_lock import WorkdirLock
         WorkdirLock(sys.argv[1]).acquire()  # never released: atexit does it
         """,
         str(tmp_path),
@@ -230,7 +230,7 @@ def test_runs_racing_for_a_stale_lock_leave_exactly_one_winner(tmp_path):
     script = """
         import os, sys, time
         from alexnet_jax.errors import UserError
-        from alexnet_jax.workdir_lock import WorkdirLock
+        from alexnet_jax.checkpointing.workdir_lock import WorkdirLock
         workdir, tried, start_at, runs = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
         time.sleep(max(0.0, start_at - time.time()))
         try:

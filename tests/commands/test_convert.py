@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from conftest import optional
 
-from alexnet_jax import convert, predict, preprocess, runinfo, train, trained
-from alexnet_jax import model as model_lib
+from alexnet_jax.checkpointing import runinfo, trained
+from alexnet_jax.commands import convert, predict
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import preprocess
+from alexnet_jax.training import train
 
 torch = optional("torch")
 nn = torch.nn

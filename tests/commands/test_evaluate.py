@@ -1,4 +1,4 @@
-"""python -m alexnet_jax.evaluate on a tiny image folder: one model, an ensemble, 10 crops."""
+"""python -m alexnet_jax.commands.evaluate on a tiny image folder: one model, an ensemble, 10 crops."""
 
 import json
 import os
@@ -8,9 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import checkpoint, evaluate, evaluation, runinfo, steps
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax.checkpointing import checkpoint, runinfo
+from alexnet_jax.commands import evaluate
 from alexnet_jax.config import base_config
+from alexnet_jax.evaluation import core as evaluation
+from alexnet_jax.model import build
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.step import steps
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,7 @@ def two_runs(image_folder, tmp_path_factory):
     config.dataset, config.data_dir = "image_folder", str(image_folder)
     config.image_size, config.init, config.num_classes = 63, "modern", 3
     config.eval_crops = 10  # the paper's test: evaluate's default for these runs
-    model = steps.create_model(config, 3)
+    model = build.create_model(config, 3)
     tx = optax.sgd(0.01)
     state = steps.init_state(model, tx, jax.random.key(0), config.image_size)
     noise = jax.random.normal(jax.random.key(1), state.params["fc8"]["kernel"].shape)
@@ -45,14 +49,16 @@ def two_runs(image_folder, tmp_path_factory):
 
 
 def test_single_models_and_their_ensemble(two_runs, image_folder):
-    from alexnet_jax import parallel
     from alexnet_jax.data import pipeline, sources
+    from alexnet_jax.parallel import distributed
 
     runs = [evaluate.load_run(w) for w in two_runs]
     split = sources.image_folder(str(image_folder)).eval
     aug = pipeline.Augmentation(image_size=63, resize_size=72)
     batches = list(
-        parallel.prefetch_to_device(pipeline.device_batches(pipeline.eval_dataset(split, aug, per_process_batch=8), 8))
+        distributed.prefetch_to_device(
+            pipeline.device_batches(pipeline.eval_dataset(split, aug, per_process_batch=8), 8)
+        )
     )
     single = [evaluation.evaluate_runs([run], batches, keep_probabilities=True) for run in runs]
     both, both_probs = evaluation.evaluate_runs(runs, batches, keep_probabilities=True)

@@ -1,4 +1,4 @@
-"""python -m alexnet_jax.export: real torchvision and real onnxruntime give our logits on real photographs.
+"""python -m alexnet_jax.commands.export: real torchvision and real onnxruntime give our logits on real photographs.
 
 The checkpoints are real (the project's Checkpointer with config.json, or a converted
 checkpoint), He-initialised with random biases so that every layer and bias matters; the
@@ -17,8 +17,10 @@ import optax
 import pytest
 from conftest import PHOTOS, child_env
 
-from alexnet_jax import checkpoint, convert, export, predict, runinfo, steps, trained
+from alexnet_jax.checkpointing import checkpoint, runinfo, trained
+from alexnet_jax.commands import convert, export, predict
 from alexnet_jax.config import base_config
+from alexnet_jax.step import steps
 
 NEEDS_EXPORT_EXTRA = f"needs the export extra: {export.INSTALL}"
 
@@ -235,7 +237,14 @@ def test_refusals_are_one_line(paper_run, converted, tmp_path, capsys, monkeypat
 
 def test_the_command_line_refuses_in_one_line(paper_run, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "alexnet_jax.export", f"--workdir={paper_run}", "--to=torchvision", "--out=x.pth"],
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.commands.export",
+            f"--workdir={paper_run}",
+            "--to=torchvision",
+            "--out=x.pth",
+        ],
         cwd=tmp_path,
         env=child_env(),
         capture_output=True,

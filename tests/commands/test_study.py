@@ -1,4 +1,4 @@
-"""python -m alexnet_jax.study: settings x seeds as normal runs, resumable after a SIGKILL, with
+"""python -m alexnet_jax.commands.study: settings x seeds as normal runs, resumable after a SIGKILL, with
 study.json, study.png and study.md; bad --vary input refused in one line before anything trains;
 the runs' config.json rebuilds the very network they trained (evaluate, init_from)."""
 
@@ -12,8 +12,10 @@ import pytest
 from conftest import REPO, OutputReader, child_env
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import study, train, trained
+from alexnet_jax.checkpointing import trained
+from alexnet_jax.commands import study
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.training import train
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -67,7 +69,7 @@ def _study_command(workdir, photo_folder):
         sys.executable,
         "-u",
         "-m",
-        "alexnet_jax.study",
+        "alexnet_jax.commands.study",
         f"--config={DEMO}",
         f"--workdir={workdir}",
         "--vary=activation=relu,tanh",
@@ -140,7 +142,7 @@ def test_a_killed_study_resumes_writes_its_outputs_and_its_runs_rebuild(photo_fo
     assert len(table) == 4 and table[3].startswith("| `activation=tanh` | 2 |")
 
     # config.json rebuilds the same network: the evaluate path scores the run as its own evaluator did.
-    from alexnet_jax import evaluate
+    from alexnet_jax.commands import evaluate
 
     tanh = str(workdir / "activation=tanh" / "seed0")
     loaded = trained.load(tanh)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alexnet_jax import device_augment
-from alexnet_jax.preprocess import PCA_EIGVAL, PCA_EIGVEC
+from alexnet_jax.data import device_augment
+from alexnet_jax.data.choices import PCA_EIGVAL, PCA_EIGVEC
 
 SIZE, CROP = 12, 8
 POSITIONS = SIZE - CROP + 1  # 5 per axis

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import child_env, launch_command
 
-from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.data import pipeline, registry, resize, sources
+from alexnet_jax.reporting import metrics as metrics_lib
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
 PER_SYNSET = 4

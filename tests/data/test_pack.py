@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, write_image_folder
 from PIL import Image
 
+from alexnet_jax.commands import pack as pack_command
 from alexnet_jax.data import pack, packed, registry, sources
 from alexnet_jax.errors import UserError
 
@@ -71,7 +72,7 @@ def photo_packs(photo_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("packs")
     for encoding in packed.ENCODINGS:
         argv = [f"--data_dir={photo_folder}", f"--out={out / encoding}", f"--encoding={encoding}", "--workers=2"]
-        assert pack.main([*argv, "--shard_images=3"]) == 0
+        assert pack_command.main([*argv, "--shard_images=3"]) == 0
     return {encoding: packed.open_packed(str(out / encoding)) for encoding in packed.ENCODINGS}
 
 
@@ -257,9 +258,9 @@ def test_bad_images_are_named_or_skipped(tmp_path, capsys):
     root = write_image_folder(tmp_path / "images", classes=2, train_per_class=3, eval_per_class=(1, 1))
     good = (root / "train" / "class_1" / "img_0.jpg").read_bytes()
     (root / "train" / "class_1" / "cut.jpg").write_bytes(good[:300])  # truncated: the listing's check names it
-    assert pack.main([f"--data_dir={root}", f"--out={tmp_path / 'a'}", "--workers=1"]) == 2
+    assert pack_command.main([f"--data_dir={root}", f"--out={tmp_path / 'a'}", "--workers=1"]) == 2
     assert "cut.jpg" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    assert pack.main([f"--data_dir={root}", f"--out={tmp_path / 'a'}", "--workers=1", "--skip_bad_images"]) == 0
+    assert pack_command.main([f"--data_dir={root}", f"--out={tmp_path / 'a'}", "--workers=1", "--skip_bad_images"]) == 0
     assert packed.open_packed(str(tmp_path / "a")).train.num_examples == 6
 
     # Whole at both ends but undecodable (a 0x0 frame): only the decode in the pool finds it.
@@ -281,7 +282,7 @@ def test_bad_images_are_named_or_skipped(tmp_path, capsys):
         pack.write_packed(str(root), str(tmp_path / "b"))
     with pytest.raises(UserError, match="outside"):
         pack.write_packed(str(root), str(root / "inside"))
-    assert pack.main([f"--data_dir={root}", f"--out={tmp_path / 'c'}", "--encoding=png"]) == 2
+    assert pack_command.main([f"--data_dir={root}", f"--out={tmp_path / 'c'}", "--encoding=png"]) == 2
     assert "--encoding" in capsys.readouterr().err
     with pytest.raises(UserError, match="not a packed dataset"):
         packed.open_packed(str(root))
@@ -293,21 +294,21 @@ def test_check_finds_a_changed_byte(photo_packs, tmp_path, capsys):
     for encoding in packed.ENCODINGS:
         copy = tmp_path / encoding
         shutil.copytree(photo_packs[encoding].directory, copy)
-        assert pack.main(["--check", f"--data_dir={copy}"]) == 0
+        assert pack_command.main(["--check", f"--data_dir={copy}"]) == 0
         assert "ok" in capsys.readouterr().out
         shard = copy / ("train-00001." + encoding)
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
-        assert pack.main(["--check", f"--data_dir={copy}"]) == 1
+        assert pack_command.main(["--check", f"--data_dir={copy}"]) == 1
         output = capsys.readouterr().out
         assert "train-00001" in output and "sha256" in output and "1 problem(s)" in output
         (copy / f"validation-00000.{encoding}").write_bytes(b"short")
-        assert pack.main(["--check", f"--data_dir={copy}"]) == 1
+        assert pack_command.main(["--check", f"--data_dir={copy}"]) == 1
         assert "2 problem(s)" in capsys.readouterr().out
         with pytest.raises(UserError, match="--check"):
             packed.open_packed(str(copy))  # opening checks sizes (not checksums)
-    assert pack.main(["--check", f"--data_dir={tmp_path}"]) == 1
+    assert pack_command.main(["--check", f"--data_dir={tmp_path}"]) == 1
 
 
 def _session_processes(session: int) -> list[int]:
@@ -329,7 +330,7 @@ def _session_processes(session: int) -> list[int]:
 def test_a_killed_pack_leaves_no_output_and_the_next_pack_cleans_up(tmp_path):
     root = write_image_folder(tmp_path / "images", classes=2, train_per_class=200, eval_per_class=(20, 20))
     out = tmp_path / "pack"
-    command = [sys.executable, "-m", "alexnet_jax.data.pack", f"--data_dir={root}", f"--out={out}"]
+    command = [sys.executable, "-m", "alexnet_jax.commands.pack", f"--data_dir={root}", f"--out={out}"]
     command += ["--workers=1", "--shard_images=16"]
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -359,7 +360,7 @@ def test_a_killed_pack_leaves_no_output_and_the_next_pack_cleans_up(tmp_path):
 
 def test_sigterm_removes_the_staging_directory(tmp_path):
     root = write_image_folder(tmp_path / "images", classes=2, train_per_class=200, eval_per_class=(1, 1))
-    command = [sys.executable, "-m", "alexnet_jax.data.pack", f"--data_dir={root}", f"--out={tmp_path / 'pack'}"]
+    command = [sys.executable, "-m", "alexnet_jax.commands.pack", f"--data_dir={root}", f"--out={tmp_path / 'pack'}"]
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
     process = subprocess.Popen([*command, "--workers=1", "--shard_images=16"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -382,7 +383,7 @@ def test_pack_a_prepared_imagenet2012(tmp_path):
     source = registry.open_source("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
     out = tmp_path / "pack"
     argv = ["--dataset=imagenet2012", f"--data_dir={data_dir}", f"--out={out}", "--size=64", "--workers=1"]
-    assert pack.main(argv) == 0
+    assert pack_command.main(argv) == 0
     result = packed.open_packed(str(out))
     assert result.class_names == source.class_names and result.class_names[:3] == SYNSETS
     assert result.train.num_examples == 12 and result.eval.num_examples == NUM_VAL
@@ -403,7 +404,7 @@ def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path
 
     from conftest import child_env, launch_command
 
-    from alexnet_jax import metrics as metrics_lib
+    from alexnet_jax.reporting import metrics as metrics_lib
 
     root = write_image_folder(tmp_path / "images", classes=3, train_per_class=6, eval_per_class=(5, 4, 4))
     pack.write_packed(str(root), str(tmp_path / "pack"), size=72, workers=1)

@@ -1,4 +1,4 @@
-"""python -m alexnet_jax.data.resize: a pre-resized image-folder copy, written atomically."""
+"""python -m alexnet_jax.commands.resize: a pre-resized image-folder copy, written atomically."""
 
 import hashlib
 import io

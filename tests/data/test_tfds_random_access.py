@@ -11,8 +11,8 @@ import pytest
 from conftest import child_env, launch_command
 from test_imagenet_tfds import NUM_VAL, PER_SYNSET, SYNSETS, write_ilsvrc_tars
 
-from alexnet_jax import metrics as metrics_lib
 from alexnet_jax.data import pipeline, registry, sources
+from alexnet_jax.reporting import metrics as metrics_lib
 
 NUM_TRAIN = len(SYNSETS) * PER_SYNSET  # 12
 AUG = pipeline.Augmentation(image_size=63, resize_size=72, flip=False, pca_noise_std=0.0)

@@ -1,6 +1,6 @@
 """The one evaluation code path, against numpy: 10-crop averaging with distinct crops, masked
 top-1/top-5 where padding would score as correct, and both entry points (training's Evaluator
-and python -m alexnet_jax.evaluate's evaluate_runs) giving the same exact figures."""
+and python -m alexnet_jax.commands.evaluate's evaluate_runs) giving the same exact figures."""
 
 import dataclasses
 
@@ -9,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import evaluation, parallel, schemes, steps, train, trained
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax.model import AlexNet
+from alexnet_jax.checkpointing import trained
+from alexnet_jax.evaluation import core as evaluation
+from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.parallel import distributed, schemes
+from alexnet_jax.reporting import metrics as reporting_metrics
+from alexnet_jax.step import metrics as metrics_lib
+from alexnet_jax.step import steps
+from alexnet_jax.training import train
 
 SIZE, CLASSES, CROPS = 63, 7, 10
 
@@ -78,7 +83,7 @@ def ten_crop_batch(model_and_params):
 
 
 def _device_batches(batch, devices=8):
-    return [parallel.shard_to_devices({k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()})]
+    return [distributed.shard_to_devices({k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()})]
 
 
 def _check(results, expected):
@@ -92,7 +97,7 @@ def test_training_evaluator_averages_ten_crops_and_masks_padding(model_and_param
     batch, expected = ten_crop_batch
     _, p_eval = schemes.make_steps(model, optax_sgd(), lambda step: 0.0)
     inputs = train.Inputs(train=iter(()), eval=lambda: iter(_device_batches(batch)), augment=None)
-    writer = metrics_lib.MetricWriter("unused", enabled=False)
+    writer = reporting_metrics.MetricWriter("unused", enabled=False)
     evaluator = train.Evaluator(p_eval, inputs, writer, workdir="unused", variant="paper")
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=())
     _check(evaluator(1, state), expected)

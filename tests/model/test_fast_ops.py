@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import fast_ops
-from alexnet_jax import model as model_lib
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import fast_ops
 
 # (image side, in channels, out channels, kernel, stride, padding, groups): AlexNet's shapes, shrunk.
 CONV_CASES = [
@@ -129,10 +129,10 @@ def test_model_backward_impls_agree():
 
 def test_auto_backward_impl_is_fast_on_cpu():
     assert jax.default_backend() == "cpu"
-    from alexnet_jax import steps
+    from alexnet_jax.model import build
 
-    assert steps.resolve_backward_impl("auto") == "fast"
-    assert steps.resolve_backward_impl("auto", backend="gpu") == "lax"
-    assert steps.resolve_backward_impl("lax") == "lax"
+    assert build.resolve_backward_impl("auto") == "fast"
+    assert build.resolve_backward_impl("auto", backend="gpu") == "lax"
+    assert build.resolve_backward_impl("lax") == "lax"
     with pytest.raises(ValueError, match="backward_impl"):
         model_lib.AlexNet(backward_impl="nope").init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)), train=False)

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import model as model_lib
-from alexnet_jax.model import AlexNet
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model.alexnet import AlexNet
 
 
 def _params(variant, num_classes=1000, image_size=224, **kwargs):

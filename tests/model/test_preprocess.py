@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import model as model_lib
-from alexnet_jax import preprocess
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import preprocess
 
 MEAN, STD = np.array(preprocess.MEAN_RGB, np.float32), np.array(preprocess.STDDEV_RGB, np.float32)
 

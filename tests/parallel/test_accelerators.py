@@ -8,9 +8,9 @@ import jax
 import pytest
 from conftest import child_env, launch_command
 
-from alexnet_jax import accelerators
-from alexnet_jax.accelerators import Sighting
 from alexnet_jax.errors import UserError
+from alexnet_jax.parallel import accelerators
+from alexnet_jax.parallel.accelerators import Sighting
 
 H100 = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5a3c9e1f-0000-0000-0000-000000000000)"
 

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 from conftest import child_env
 
-from alexnet_jax import parallel
 from alexnet_jax.errors import UserError
+from alexnet_jax.parallel import distributed
 
 
 def slurm_task(local_id, tasks_per_node, nodes=1, **extra):
@@ -50,17 +50,17 @@ EIGHT_GPUS = {
 
 def test_one_task_per_node_takes_all_eight_gpus():
     """The README's `srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8`: JAX alone would take GPU 0."""
-    assert parallel.launcher_local_device_ids(slurm_task(0, 1, nodes=4, **EIGHT_GPUS)) == list(range(8))
+    assert distributed.launcher_local_device_ids(slurm_task(0, 1, nodes=4, **EIGHT_GPUS)) == list(range(8))
 
 
 def test_one_task_per_gpu_splits_the_nodes_gpus_by_local_rank():
     """`--ntasks-per-node=8 --gpus-per-node=8`: every task sees all 8 and takes its own."""
-    ids = [parallel.launcher_local_device_ids(slurm_task(rank, 8, nodes=4, **EIGHT_GPUS)) for rank in range(8)]
+    ids = [distributed.launcher_local_device_ids(slurm_task(rank, 8, nodes=4, **EIGHT_GPUS)) for rank in range(8)]
     assert ids == [[rank] for rank in range(8)]
 
 
 def test_two_tasks_per_node_take_four_gpus_each():
-    ids = [parallel.launcher_local_device_ids(slurm_task(rank, 2, **EIGHT_GPUS)) for rank in range(2)]
+    ids = [distributed.launcher_local_device_ids(slurm_task(rank, 2, **EIGHT_GPUS)) for rank in range(2)]
     assert ids == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
@@ -69,57 +69,57 @@ def test_a_task_that_slurm_bound_to_its_own_gpu_takes_the_one_it_sees(binding):
     """--gpus-per-task=1 (or --gpu-bind): CUDA_VISIBLE_DEVICES lists one GPU, numbered 0 in the process.
     JAX's default, [SLURM_LOCALID], would ask task 5 for a GPU 5 that it cannot see."""
     env = slurm_task(5, 8, CUDA_VISIBLE_DEVICES="5", SLURM_STEP_GPUS="5", SLURM_GPUS_ON_NODE="8")
-    assert parallel.launcher_local_device_ids(dict(env, SLURMD_TRES_BIND=binding)) == [0]
+    assert distributed.launcher_local_device_ids(dict(env, SLURMD_TRES_BIND=binding)) == [0]
 
 
 def test_gpus_per_task_two_takes_both_of_its_own():
     env = slurm_task(1, 2, CUDA_VISIBLE_DEVICES="2,3", SLURMD_TRES_BIND="gpu:per_task:2", SLURM_GPUS_ON_NODE="4")
-    assert parallel.launcher_local_device_ids(env) == [0, 1]  # not [1], the second half of what it sees
+    assert distributed.launcher_local_device_ids(env) == [0, 1]  # not [1], the second half of what it sees
 
 
 def test_closest_binding_counts_whether_the_tasks_gpus_are_their_own():
     two_sockets = slurm_task(
         1, 2, CUDA_VISIBLE_DEVICES="4,5,6,7", SLURMD_TRES_BIND="gpu:closest", SLURM_GPUS_ON_NODE="8"
     )
-    assert parallel.launcher_local_device_ids(two_sockets) == [0, 1, 2, 3]
+    assert distributed.launcher_local_device_ids(two_sockets) == [0, 1, 2, 3]
     one_socket = dict(EIGHT_GPUS, SLURMD_TRES_BIND="gpu:closest")
-    assert parallel.launcher_local_device_ids(slurm_task(1, 2, **one_socket)) == [4, 5, 6, 7]
+    assert distributed.launcher_local_device_ids(slurm_task(1, 2, **one_socket)) == [4, 5, 6, 7]
 
 
 def test_without_cuda_visible_devices_slurm_step_gpus_are_the_indices():
-    assert parallel.launcher_local_device_ids(slurm_task(1, 2, SLURM_STEP_GPUS="4,5,6,7")) == [6, 7]
+    assert distributed.launcher_local_device_ids(slurm_task(1, 2, SLURM_STEP_GPUS="4,5,6,7")) == [6, 7]
 
 
 def test_mpirun_one_rank_per_node_takes_every_gpu_and_one_per_gpu_takes_its_own():
-    assert parallel.launcher_local_device_ids(mpirun_rank(0, 1)) == []  # no restriction: all it sees
-    assert parallel.launcher_local_device_ids(mpirun_rank(3, 8)) == [3]  # mpirun -np GPUS: one each
-    assert parallel.launcher_local_device_ids(mpirun_rank(1, 2, CUDA_VISIBLE_DEVICES="0,1,2,3")) == [2, 3]
+    assert distributed.launcher_local_device_ids(mpirun_rank(0, 1)) == []  # no restriction: all it sees
+    assert distributed.launcher_local_device_ids(mpirun_rank(3, 8)) == [3]  # mpirun -np GPUS: one each
+    assert distributed.launcher_local_device_ids(mpirun_rank(1, 2, CUDA_VISIBLE_DEVICES="0,1,2,3")) == [2, 3]
     rank_wrapper = mpirun_rank(5, 8, CUDA_VISIBLE_DEVICES="5")  # a wrapper exported one GPU per rank
-    assert parallel.launcher_local_device_ids(rank_wrapper) == [0]
+    assert distributed.launcher_local_device_ids(rank_wrapper) == [0]
 
 
 def test_jax_decides_by_hand_on_tpus_and_where_the_user_said():
-    assert parallel.launcher_local_device_ids({}) is None
-    assert parallel.launcher_local_device_ids({"TPU_WORKER_HOSTNAMES": "t0,t1"}) is None
-    assert parallel.launcher_local_device_ids(slurm_task(0, 1, JAX_LOCAL_DEVICE_IDS="0,1", **EIGHT_GPUS)) is None
+    assert distributed.launcher_local_device_ids({}) is None
+    assert distributed.launcher_local_device_ids({"TPU_WORKER_HOSTNAMES": "t0,t1"}) is None
+    assert distributed.launcher_local_device_ids(slurm_task(0, 1, JAX_LOCAL_DEVICE_IDS="0,1", **EIGHT_GPUS)) is None
 
 
 def test_uneven_shares_are_one_line_saying_what_to_start():
     with pytest.raises(UserError, match="8 GPUs of this node do not split evenly among its 3 tasks"):
-        parallel.launcher_local_device_ids(slurm_task(0, 3, **EIGHT_GPUS))
+        distributed.launcher_local_device_ids(slurm_task(0, 3, **EIGHT_GPUS))
 
 
 def test_tasks_per_node_of_uneven_nodes_are_read_for_this_node():
     env = slurm_task(0, 2, SLURM_STEP_TASKS_PER_NODE="2(x3),1", SLURM_NODEID="3", **EIGHT_GPUS)
-    assert parallel.launcher_local_device_ids(env) == list(range(8))  # the last node runs one task
+    assert distributed.launcher_local_device_ids(env) == list(range(8))  # the last node runs one task
 
 
 _JAX_VISIBLE_GPUS = textwrap.dedent(
     """
     import sys
     import jax
-    from alexnet_jax import parallel
-    ids = parallel.launcher_local_device_ids(dict(__import__("os").environ)) if sys.argv[1] == "ours" else None
+    from alexnet_jax.parallel import distributed
+    ids = distributed.launcher_local_device_ids(dict(__import__("os").environ)) if sys.argv[1] == "ours" else None
     jax.distributed.initialize(local_device_ids=ids, initialization_timeout=60)
     print("visible:", jax.config.values["jax_cuda_visible_devices"])
     jax.distributed.shutdown()

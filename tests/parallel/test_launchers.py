@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, child_env, launch_command
 from slurm_cluster import OneNodeSlurm, missing_programs
 
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import parallel
+from alexnet_jax.parallel import distributed
+from alexnet_jax.reporting import metrics as metrics_lib
 
 SBATCH_SCRIPT = os.path.join(REPO, "examples", "slurm", "train.sbatch")
 LEAN = (  # the demo digits, small and quick: 2 processes x 2 CPU devices, 8 images a step
@@ -119,17 +119,17 @@ def _task_environments(slurm, folder, *srun_options):
 def test_slurm_hands_tasks_the_gpus_the_decision_expects(slurm, tmp_path, srun_options, expected):
     """The environments real srun tasks get on a node with GPUs, through launcher_local_device_ids."""
     environments = _task_environments(slurm, tmp_path, *srun_options)
-    assert [parallel.launcher_local_device_ids(env) for env in environments] == expected
+    assert [distributed.launcher_local_device_ids(env) for env in environments] == expected
 
 
 _START_AND_SAY_GPUS = (
-    "import jax; from alexnet_jax import parallel; parallel.initialize_distributed(); "
+    "import jax; from alexnet_jax import parallel; distributed.initialize_distributed(); "
     "print(jax.process_index(), jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()"
 )
 
 
 def test_srun_tasks_start_jax_distributed_each_restricted_to_its_share_of_the_gpus(slurm):
-    """parallel.initialize_distributed() in 2 real srun tasks of a 4-GPU node: JAX detects the job and
+    """distributed.initialize_distributed() in 2 real srun tasks of a 4-GPU node: JAX detects the job and
     restricts each process to its 2 GPUs (JAX's own choice would be GPU 0 and GPU 1)."""
     env = dict(child_env(1), SLURM_CONF=slurm.env["SLURM_CONF"])
     done = slurm.run(

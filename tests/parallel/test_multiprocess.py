@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import child_env, launch_command
 
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax.reporting import metrics as metrics_lib
 
 pytestmark = pytest.mark.slow  # the slow lane: pytest tests/ -m slow (README, Set up)
 
@@ -131,7 +131,7 @@ def _wrapper(path, patch):
 # threads (JAX's heartbeat, the watchdog's pulse) go on.
 _HANG = """
     import threading
-    from alexnet_jax import train
+    from alexnet_jax.training import train
 
     original, calls = train.Meter.next_batch, [0]
 

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from conftest import assert_trees_close, assert_trees_equal
 
-from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import config as config_lib
-from alexnet_jax import model as model_lib
-from alexnet_jax import optim, parallel, schemes, steps
+from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import build
+from alexnet_jax.parallel import distributed, schemes
+from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # small, and not a multiple of conv1's stride
 NUM_CLASSES = 8  # fc8 splits by classes over a model axis of 8
@@ -34,7 +36,7 @@ class Setup:
         config = config_lib.base_config()
         config.model, config.dropout_rate, config.init = variant, dropout_rate, "modern"
         config.input_scale = "standardized"
-        self.model = steps.create_model(config, NUM_CLASSES)
+        self.model = build.create_model(config, NUM_CLASSES)
         self.schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
         self.tx = optim.make_optimizer(config, self.schedule)
         self.state = jax.device_get(steps.init_state(self.model, self.tx, jax.random.key(0), IMAGE_SIZE))
@@ -90,7 +92,7 @@ def pmap_updates(setups):
             setup = _setup(setups, variant)
             one_device = jax.pmap(
                 functools.partial(steps.train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule),
-                axis_name=parallel.AXIS,
+                axis_name=distributed.AXIS,
                 in_axes=(None, 0, None),
                 out_axes=None,
                 devices=jax.local_devices()[:1],

@@ -15,10 +15,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_jax import checkpoint, figures, neighbors, plot, predict, runinfo, steps, trained
 from alexnet_jax import config as config_lib
-from alexnet_jax import model as model_lib
+from alexnet_jax.checkpointing import checkpoint, runinfo, trained
+from alexnet_jax.commands import neighbors, plot, predict
 from alexnet_jax.data import augment
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.reporting import curves, figures
+from alexnet_jax.step import steps
 
 IMAGE_SIZE = 64
 
@@ -177,7 +180,7 @@ def test_plot_curves_several_runs(tmp_path, capsys):
         ]
         lines.append('{"step": 11, "train/lo')  # cut short by a kill
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    series = plot.read_series(str(tmp_path / "a"))
+    series = curves.read_series(str(tmp_path / "a"))
     assert series["train/loss"][0] == list(range(1, 11)) and series["train/loss"][1][2] == 9.0
     assert series["eval/top5_acc"] == ([5, 10], [0.8, 0.8])
 

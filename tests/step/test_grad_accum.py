@@ -17,8 +17,10 @@ import pytest
 from conftest import REPO, assert_trees_close, assert_trees_equal
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import optim, parallel, steps
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import build
+from alexnet_jax.parallel import distributed
+from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE, CLASSES, DEVICES, PER_DEVICE, ACCUM = 64, 5, 8, 8, 4
 
@@ -29,7 +31,7 @@ def _setup(dropout_rate):
     config.init = "modern"
     config.input_scale = "standardized"
     config.learning_rate = 2e-4  # the loss falls over both steps; larger rates leave the model in a chaotic regime
-    model = steps.create_model(config, CLASSES)
+    model = build.create_model(config, CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
     tx = optim.make_optimizer(config, schedule)
     return model, tx, schedule, steps.init_state(model, tx, jax.random.key(0), IMAGE_SIZE)
@@ -43,11 +45,11 @@ def _batch(seed):
         "labels": rng.integers(0, CLASSES, (DEVICES * PER_DEVICE,)).astype(np.int32),
         "color": rng.normal(0, 0.02, (DEVICES * PER_DEVICE, 3)).astype(np.float32),
     }
-    return parallel.shard_to_devices({k: v.reshape((DEVICES, PER_DEVICE) + v.shape[1:]) for k, v in batch.items()})
+    return distributed.shard_to_devices({k: v.reshape((DEVICES, PER_DEVICE) + v.shape[1:]) for k, v in batch.items()})
 
 
 def _pmapped(fn):
-    return jax.pmap(fn, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
+    return jax.pmap(fn, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None)
 
 
 def _two_steps(p_step, state):
@@ -114,7 +116,7 @@ def _micro_gradients(state, batch, rng, index, key_index, *, model):
     micro = jax.tree_util.tree_map(lambda value: jax.lax.dynamic_slice_in_dim(value, index * size, size), batch)
     key = jax.random.fold_in(steps.dropout_key(rng, state.step), key_index)
     grads, _ = steps.batch_gradients(state.params, micro, key, model=model, augment=None)
-    return jax.lax.pmean(grads, parallel.AXIS)
+    return jax.lax.pmean(grads, distributed.AXIS)
 
 
 def test_with_dropout_each_micro_batch_draws_its_own_masks():
@@ -124,7 +126,7 @@ def test_with_dropout_each_micro_batch_draws_its_own_masks():
     accum, _ = jax.device_get(_pmapped(step)(state, batch, rng))
     p_micro = jax.pmap(
         functools.partial(_micro_gradients, model=model),
-        axis_name=parallel.AXIS,
+        axis_name=distributed.AXIS,
         in_axes=(None, 0, None, None, None),
         out_axes=None,
     )
@@ -166,7 +168,7 @@ def test_a_run_counts_updates_and_resumes_bitwise_exactly(image_folder, tmp_path
     run resumed at update 2 ends bitwise where the straight run does."""
     from test_fault_tolerance import _finish, _restore_arrays, _run, _start, _train_records
 
-    from alexnet_jax import checkpoint
+    from alexnet_jax.checkpointing import checkpoint
 
     # 18 training images, batch 8: 2 updates an epoch; the warmup moves the learning rate every update.
     settings = ["--config.grad_accum_steps=2", "--config.checkpoint_every_steps=2", "--config.schedule=step"]

@@ -4,7 +4,7 @@ import optax
 import pytest
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import optim
+from alexnet_jax.step import optim
 
 
 def _config(**overrides):

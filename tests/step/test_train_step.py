@@ -8,8 +8,10 @@ import pytest
 from conftest import assert_trees_close
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import optim, parallel, preprocess, schemes, steps
+from alexnet_jax.model import build, preprocess
+from alexnet_jax.parallel import distributed, schemes
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 5
@@ -31,7 +33,7 @@ def _optimizer(config):
 
 def _setup(**settings):
     config = _config(**settings)
-    model = steps.create_model(config, NUM_CLASSES)
+    model = build.create_model(config, NUM_CLASSES)
     tx, schedule = _optimizer(config)
     state = steps.init_state(model, tx, jax.random.key(0), IMAGE_SIZE)
     return model, tx, schedule, state
@@ -73,8 +75,8 @@ def eight_device_step(plain):
         seen["labels"] = batch["labels"].shape
         return steps.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule)
 
-    p_step = jax.pmap(spy, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None)
-    new_state, metrics = p_step(state, parallel.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(1))
+    p_step = jax.pmap(spy, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None)
+    new_state, metrics = p_step(state, distributed.shard_to_devices(_per_device(_batch(16), 8)), jax.random.key(1))
     seen["state_devices"] = len(new_state.params["fc8"]["kernel"].sharding.device_set)
     # one host copy kept for the module, not 8 device copies of 61M parameters and their momentum
     return jax.device_get(new_state), jax.device_get(metrics), seen
@@ -86,7 +88,7 @@ def test_eight_devices_give_the_one_device_update(plain, eight_device_step):
     state_8, metrics_8, _ = eight_device_step
     step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
     one_device = jax.pmap(
-        step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
+        step, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
     )
     batch = jax.tree_util.tree_map(lambda v: v[None], _batch(16))
     state_1, metrics_1 = one_device(state, batch, jax.random.key(1))
@@ -113,7 +115,7 @@ def test_pixels_and_colour_offsets_give_the_update_of_the_scaled_images(input_sc
     reference = {"images": normalised.astype(np.float32), "labels": batch["labels"]}
     step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
     one_device = jax.pmap(
-        step, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
+        step, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None, devices=jax.local_devices()[:1]
     )
     add_axis = functools.partial(jax.tree_util.tree_map, lambda v: v[None])
     from_pixels, metrics = one_device(state, add_axis(batch), jax.random.key(1))
@@ -145,7 +147,7 @@ def test_dropout_masks_differ_across_devices_and_steps(with_dropout):
         logits = model.apply({"params": state.params}, batch["images"], train=True, rngs={"dropout": dropout_rng})
         return steps.cross_entropy(logits, batch["labels"])
 
-    p_loss = jax.pmap(per_device_loss, axis_name=parallel.AXIS, in_axes=(None, 0, None))
+    p_loss = jax.pmap(per_device_loss, axis_name=distributed.AXIS, in_axes=(None, 0, None))
     same = jax.tree_util.tree_map(lambda v: np.stack([v] * 8), _batch(2))
     losses = np.asarray(p_loss(state, same, jax.random.key(0)))
     assert len(set(losses.round(6).tolist())) == 8
@@ -185,9 +187,9 @@ def test_a_few_steps_fit_a_batch(plain):
     model, _, _, state = plain  # its initial state, with a smaller learning rate (the same optimizer state)
     tx, schedule = _optimizer(_config(learning_rate=0.002))
     # as the loop keeps it: one compilation, not one per input placement (a copy: the step donates it)
-    state = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state))
+    state = distributed.replicate(jax.tree_util.tree_map(jnp.copy, state))
     p_train, _ = schemes.make_steps(model, tx, schedule)
-    batch = parallel.shard_to_devices(_per_device(_learnable_batch(16), 8))
+    batch = distributed.shard_to_devices(_per_device(_learnable_batch(16), 8))
     losses = []
     for _ in range(4):
         state, metrics = p_train(state, batch, jax.random.key(0))
@@ -199,7 +201,7 @@ def test_a_few_steps_fit_a_batch(plain):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_top_k_counts_ties_for_the_label(k):
-    from alexnet_jax.metrics import correct_top_k
+    from alexnet_jax.reporting.metrics import correct_top_k
 
     logits = jnp.array([[0.1, 0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
     labels = jnp.array([2, 3])
@@ -234,7 +236,7 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
     import logging
     import time
 
-    from alexnet_jax import train
+    from alexnet_jax.training import train
 
     def slow_batches():
         while True:
@@ -258,7 +260,7 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
     assert meter.summary()["train/data_wait_frac"] < 0.1
 
     watch = train.DataWaitWatch()
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.train"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.train"):
         watch.check(0.5)
         assert not caplog.records  # one slow interval is not a pattern
         watch.check(0.6)
@@ -272,7 +274,7 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
 
 
 def test_the_step_crops_packed_images_itself_and_passes_host_crops_through():
-    from alexnet_jax import device_augment
+    from alexnet_jax.data import device_augment
 
     rng = np.random.default_rng(0)
     packed = {

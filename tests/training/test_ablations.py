@@ -13,10 +13,13 @@ from conftest import PHOTOS, assert_close, assert_trees_close, photo_crops, writ
 from jax import lax
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import device_augment, schemes, steps, train
-from alexnet_jax import model as model_lib
-from alexnet_jax.data import augment, pack, packed, registry
+from alexnet_jax.data import augment, device_augment, pack, packed, registry
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import build
+from alexnet_jax.parallel import schemes
+from alexnet_jax.step import steps
+from alexnet_jax.training import train
 
 SIZE = 67  # conv1 gives 16x16: an even side, where 2x2/2 windows must be cut to keep the paper's sizes
 ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
@@ -150,10 +153,10 @@ def test_lrn_and_the_other_switches_are_validated_and_resolved():
             jax.random.key(0), jnp.zeros((1, 63, 63, 3)), train=False
         )
     resolved = {
-        choice: steps.create_model(dict_config(lrn=choice, activation="tanh"), 10).lrn for choice in steps.LRN_CHOICES
+        choice: build.create_model(dict_config(lrn=choice, activation="tanh"), 10).lrn for choice in build.LRN_CHOICES
     }
     assert resolved == {"auto": None, "on": True, "off": False}
-    model = steps.create_model(dict_config(pooling="non_overlapping", dropout_rate=0.25), 10)
+    model = build.create_model(dict_config(pooling="non_overlapping", dropout_rate=0.25), 10)
     assert (model.pooling, model.dropout_rate, model.activation) == ("non_overlapping", 0.25, "relu")
 
 

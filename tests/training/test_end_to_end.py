@@ -6,7 +6,7 @@ import subprocess
 
 from conftest import child_env, launch_command
 
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax.reporting import metrics as metrics_lib
 
 
 def _run_launch(workdir, *overrides, devices=2):

@@ -15,10 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import OutputReader, assert_trees_equal, child_env, launch_command
 
-from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import optim, steps
+from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.step import optim, steps
 
 
 def _command(workdir, image_folder, *overrides):

@@ -16,9 +16,12 @@ import pytest
 from conftest import assert_close
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import model as model_lib
-from alexnet_jax import optim, parallel, runinfo, steps
+from alexnet_jax.checkpointing import runinfo
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import build
+from alexnet_jax.parallel import distributed
+from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # AlexNet's smallest input (model.min_image_size)
 NUM_CLASSES = 7
@@ -212,7 +215,7 @@ def _masks(seed, prng_impl, step, devices=2):
     """The dropout mask each device draws at `step`, from a key built afresh from the seed (a restart)."""
     draw = jax.pmap(
         lambda rng, step, _: jax.random.bernoulli(steps.dropout_key(rng, step), 0.5, (256,)),
-        axis_name=parallel.AXIS,
+        axis_name=distributed.AXIS,
         in_axes=(None, None, 0),
         devices=jax.local_devices()[:devices],
     )
@@ -238,7 +241,7 @@ def _step_setup(prng_impl):
     config = config_lib.base_config()
     config.model, config.init, config.input_scale = "paper", "modern", "raw"
     config.prng_impl = prng_impl
-    model = steps.create_model(config, NUM_CLASSES)
+    model = build.create_model(config, NUM_CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
     tx = optim.make_optimizer(config, schedule)
     return config, model, tx, schedule
@@ -256,7 +259,7 @@ def test_two_steps_straight_equal_one_step_then_a_restart_from_seed_and_step(prn
 
     def p_train():  # what a (re)started run builds
         fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule)
-        return jax.pmap(fn, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, devices=one_device)
+        return jax.pmap(fn, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None, devices=one_device)
 
     state0 = jax.device_get(steps.init_state(model, tx, jax.random.key(0), IMAGE_SIZE))
     train, root = p_train(), steps.dropout_root_key(config.seed, config.prng_impl)
@@ -296,7 +299,7 @@ def test_the_levers_reach_the_model_and_the_run_record(tmp_path):
     config = config_lib.base_config()
     config.group_conv, config.lrn_precision, config.prng_impl = "split", "high", "rbg"
     config_lib.validate(config, device_count=1)
-    model = steps.create_model(config, NUM_CLASSES)
+    model = build.create_model(config, NUM_CLASSES)
     assert (model.group_conv, model.lrn_precision) == ("split", "high")
     runinfo.write_run_info(str(tmp_path), config, ["a"], num_classes=NUM_CLASSES, resize_size=256, input_scale="raw")
     recorded = runinfo.read_run_info(str(tmp_path))["config"]

@@ -14,8 +14,8 @@ from conftest import OutputReader, child_env, mounted_tmpfs
 from test_fault_tolerance import _command, _run  # the demo on the image folder, logging every step
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import train
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.training import train
 
 
 def _train_steps(workdir):
@@ -101,7 +101,7 @@ def test_a_resume_with_changed_settings_names_each_change(caplog):
     info = {"config": {**recorded, "batch_size": 64, "seed": 3}, "process_count": 1}
     resume = train.Resume(step=5, meta={}, info=info)
     config.log_every_steps = 7  # changes nothing the steps compute
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.train"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.train"):
         changed = resume.warn_changed_settings(config, process_count=2)
     assert changed == ["batch_size 64 -> 128", "process_count 1 -> 2", "seed 3 -> 0"]
     assert "exact resume no longer holds" in caplog.text and "batch_size 64 -> 128" in caplog.text

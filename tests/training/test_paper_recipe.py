@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import child_env, launch_command, photo_crops
 
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import preprocess
-from alexnet_jax.model import AlexNet
+from alexnet_jax.model import preprocess
+from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.reporting import metrics as metrics_lib
 
 MEAN_255 = np.array(preprocess.MEAN_RGB, np.float32) * 255.0
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")

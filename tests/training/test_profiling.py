@@ -8,13 +8,13 @@ import pytest
 from conftest import mounted_tmpfs
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import profiling
 from alexnet_jax.errors import UserError
+from alexnet_jax.training import profiling
 
 
 @pytest.mark.parametrize("spec, window", [("", None), ("10-15", (10, 15)), ("7", (7, 7)), ("1-1", (1, 1))])
 def test_step_ranges(spec, window):
-    assert profiling.parse_steps(spec) == window
+    assert config_lib.parse_profile_steps(spec) == window
 
 
 @pytest.mark.parametrize("spec", ["15-10", "0-3", "0", "a-b", "10-", "-5", " 10-15", "10 - 15", "10:15", "3-4-5"])

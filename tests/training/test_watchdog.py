@@ -4,7 +4,7 @@ what the one line says, and that process 0 keeps the store up until the others h
 
 import pytest
 
-from alexnet_jax import watchdog
+from alexnet_jax.training import watchdog
 
 
 class Store:

@@ -27,10 +27,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from alexnet_jax import parallel
-from alexnet_jax.checkpoint_manifest import IntactSteps, Seals, verify_step
-from alexnet_jax.checkpoint_storage import StorageGuard, check_free_space, directory_bytes, tree_bytes
+from alexnet_jax.checkpointing.manifest import IntactSteps, Seals, verify_step
+from alexnet_jax.checkpointing.storage import StorageGuard, check_free_space, directory_bytes, tree_bytes
 from alexnet_jax.errors import UserError
+from alexnet_jax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Checkpointer:
         Raises StorageError when this save or the previous one (whose failure
         surfaces here) cannot be written.
         """
-        state = parallel.to_global(state)  # several processes: Orbax wants global arrays
+        state = distributed.to_global(state)  # several processes: Orbax wants global arrays
         # Orbax would wait for the previous save here anyway; once it is done, hand the
         # host copies it freed back to the OS, or RSS creeps up by a state size per save.
         self._finish_previous()
@@ -230,7 +230,7 @@ def _malloc_trim():
 #
 # A run's workdir:    WORKDIR/checkpoints/<step>/{state,meta}   (Checkpointer above)
 #                     WORKDIR/config.json                       (runinfo.py)
-# A converted checkpoint (python -m alexnet_jax.convert):
+# A converted checkpoint (python -m alexnet_jax.commands.convert):
 #                     DIR/params/      Orbax StandardSave of {"params": <Flax params>}
 #                     DIR/model.json   {"format": 1, "model": "torchvision", "num_classes": 1000,
 #                                       "image_size": 224, "resize_size": 256, "input_scale": "standardized",
@@ -280,7 +280,7 @@ def read_converted_record(directory: str) -> dict[str, Any]:
     from alexnet_jax import paths
 
     record = paths.read_json(
-        os.path.join(directory, MODEL_FILE), fix="convert the weights again (python -m alexnet_jax.convert)"
+        os.path.join(directory, MODEL_FILE), fix="convert the weights again (python -m alexnet_jax.commands.convert)"
     )
     if record.get("format") != CONVERTED_FORMAT:
         raise UserError(

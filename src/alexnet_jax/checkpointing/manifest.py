@@ -28,7 +28,7 @@ from collections.abc import Callable
 from alexnet_jax.errors import UserError
 
 # The checkpoint's one logger, whichever of its parts speaks: users filter one name.
-log = logging.getLogger("alexnet_jax.checkpoint")
+log = logging.getLogger("alexnet_jax.checkpointing.checkpoint")
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = 1

@@ -154,7 +154,7 @@ def input_scale(record: dict[str, Any] | None) -> str:
     Recorded since the paper's raw scale exists; every record from before used the
     ImageNet mean/std standardisation, and so keeps it.
     """
-    from alexnet_jax import preprocess
+    from alexnet_jax.model import preprocess
 
     return str((record or {}).get("input_scale") or preprocess.LEGACY_INPUT_SCALE)
 

@@ -12,9 +12,11 @@ import dataclasses
 import logging
 from typing import Any
 
-from alexnet_jax import checkpoint, paths, runinfo, steps
-from alexnet_jax import model as model_lib
+from alexnet_jax import paths
+from alexnet_jax.checkpointing import checkpoint, runinfo
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import build
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,11 @@ class TrainedModel:
     eval_crops: int  # the run's config.eval_crops (1 where unknown)
     step: int | None  # the checkpoint's step (None for converted weights)
     run_info: dict[str, Any] | None  # WORKDIR/config.json; None for converted weights
-    # steps.architecture of the recorded config: activation, pooling, LRN and dropout as trained.
-    architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: steps.architecture({}))
+    # build.architecture of the recorded config: activation, pooling, LRN and dropout as trained.
+    architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: build.architecture({}))
 
     def module(self, backward_impl: str = "lax") -> model_lib.AlexNet:
-        """The network as it was trained (train.py builds it with steps.create_model from the same keys)."""
+        """The network as it was trained (train.py builds it with build.create_model from the same keys)."""
         return model_lib.AlexNet(
             variant=self.variant,
             num_classes=self.num_classes,
@@ -94,7 +96,7 @@ def load(path: str, *, image_size: int = -1, resize_size: int = -1, flag: str = 
         eval_crops=int(((info or {}).get("config") or {}).get("eval_crops", 1)),
         step=step,
         run_info=info,
-        architecture=steps.architecture((info or {}).get("config") or {}),
+        architecture=build.architecture((info or {}).get("config") or {}),
     )
 
 
@@ -112,7 +114,7 @@ def check_path(path: str, *, flag: str = "--workdir") -> str:
     else:
         raise UserError(
             f"{flag}={path} is neither a converted checkpoint (with {checkpoint.MODEL_FILE}) nor a run's workdir "
-            "(with checkpoints/); make one with python -m alexnet_jax.convert --pth=FILE --out=DIR"
+            "(with checkpoints/); make one with python -m alexnet_jax.commands.convert --pth=FILE --out=DIR"
         )
     return path
 

@@ -1,6 +1,6 @@
 """torchvision AlexNet weights -> Flax params, written as a converted checkpoint (and back: to_torchvision).
 
-    python -m alexnet_jax.convert --pth=alexnet-owt-7be5be79.pth --out=weights/torchvision_alexnet
+    python -m alexnet_jax.commands.convert --pth=alexnet-owt-7be5be79.pth --out=weights/torchvision_alexnet
 
 The converted-checkpoint layout is checkpoint.py's (DIR/params/ and DIR/model.json);
 trained.load reads it back for predict, neighbors, evaluate and init_from. torch is
@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import checkpoint, cli, paths, runinfo
-from alexnet_jax import model as model_lib
+from alexnet_jax import cli, paths
+from alexnet_jax.checkpointing import checkpoint, runinfo
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
 
 # torchvision's preprocessing: Resize(256), CenterCrop(224), ImageNet mean/std.
 TORCHVISION_IMAGE_SIZE = 224
@@ -111,7 +112,9 @@ def read_pth(path: str) -> Mapping[str, Any]:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_jax.commands.convert", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--pth", required=True, help="torchvision AlexNet state dict (.pth)")
     parser.add_argument("--out", required=True, help="directory for the converted checkpoint")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Evaluate trained runs without training: one workdir is one model, several are an ensemble.
 
-    python -m alexnet_jax.evaluate --workdir=runs/a [--workdir=runs/b ...] [--crops=10] \
+    python -m alexnet_jax.commands.evaluate --workdir=runs/a [--workdir=runs/b ...] [--crops=10] \
         [--dataset=NAME] [--data_dir=DIR] [--split=validation] [--out=results.json] [--write_metrics]
 
 Each workdir's newest checkpoint (params only) and WORKDIR/config.json are read;
@@ -22,10 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from alexnet_jax import cli, parallel, paths, runinfo, trained
+from alexnet_jax import cli, paths
+from alexnet_jax.checkpointing import runinfo, trained
 from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
-from alexnet_jax.evaluation import evaluate_runs
+from alexnet_jax.evaluation.core import evaluate_runs
+from alexnet_jax.parallel import distributed
 
 DEFAULT_PER_DEVICE_BATCH = 16
 # Models of an ensemble must agree on these to average their softmax per example.
@@ -101,7 +103,7 @@ def evaluate(
     if batch_size % local_devices:
         raise UserError(f"--batch_size={batch_size} is not divisible by the {local_devices} devices; use a multiple")
     aug = pipeline.Augmentation(eval_crops=crops, **runs[0].sizes)  # as the run was trained
-    batches = parallel.prefetch_to_device(
+    batches = distributed.prefetch_to_device(
         pipeline.device_batches(registry.eval_batches(source.eval, aug, per_process_batch=batch_size), local_devices)
     )
     results, probs = evaluate_runs(runs, batches, keep_probabilities=keep_probabilities)
@@ -128,7 +130,9 @@ def append_metrics(workdir: str, step: int | None, record: dict[str, Any]) -> No
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_jax.commands.evaluate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--workdir", action="append", default=[], help="a run's directory; repeat for an ensemble")
     parser.add_argument(
         "--crops", type=int, default=-1, choices=(-1, *EVAL_CROPS), help="-1 = the run's config.eval_crops"

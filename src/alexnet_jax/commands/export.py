@@ -1,7 +1,7 @@
 """Export a trained model to PyTorch (a torchvision AlexNet state dict) or to ONNX.
 
-    python -m alexnet_jax.export --workdir=runs/tv --to=torchvision --out=alexnet.pth
-    python -m alexnet_jax.export --checkpoint=weights/torchvision_alexnet --to=onnx --out=alexnet.onnx
+    python -m alexnet_jax.commands.export --workdir=runs/tv --to=torchvision --out=alexnet.pth
+    python -m alexnet_jax.commands.export --checkpoint=weights/torchvision_alexnet --to=onnx --out=alexnet.onnx
 
 torchvision: a state dict that `torchvision.models.alexnet(num_classes=N)` loads
 with strict=True. It takes torchvision's own input (RGB in [0, 1], normalised by
@@ -37,8 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import checkpoint, cli, convert, preprocess, runinfo, trained
+from alexnet_jax import cli
+from alexnet_jax.checkpointing import checkpoint, runinfo, trained
+from alexnet_jax.commands import convert
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import preprocess
 
 INSTALL = "pip install -r requirements-extras.txt"
 TARGETS = ("torchvision", "onnx")
@@ -310,10 +313,10 @@ def recorded_variant(path: str) -> str | None:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.commands.export", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a run's directory: its newest checkpoint and config.json")
-    source.add_argument("--checkpoint", help="a converted checkpoint (python -m alexnet_jax.convert)")
+    source.add_argument("--checkpoint", help="a converted checkpoint (python -m alexnet_jax.commands.convert)")
     parser.add_argument("--to", required=True, choices=TARGETS, help="torchvision: a .pth state dict; onnx: a .onnx")
     parser.add_argument("--out", required=True, help="the file to write (never overwritten)")
     parser.add_argument("--image_size", type=int, default=-1, help="ONNX input side; -1 = as the run was trained")

@@ -1,6 +1,6 @@
 """The paper's Figure 4: the images whose last hidden layer (fc7) is nearest to a query's.
 
-    python -m alexnet_jax.neighbors --workdir=runs/alexnet --query cat.jpg dog.jpg [--k=6]
+    python -m alexnet_jax.commands.neighbors --workdir=runs/alexnet --query cat.jpg dog.jpg [--k=6]
 
 For every query image, the k images of the run's validation split (or
 --split=train, as in the paper) whose fc7 activations (4096 values after the
@@ -24,9 +24,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from alexnet_jax import cli, paths, predict, runinfo, trained
-from alexnet_jax import model as model_lib
+from alexnet_jax import cli, paths
+from alexnet_jax.checkpointing import runinfo, trained
+from alexnet_jax.commands import predict
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,9 @@ def _short(name: str) -> str:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.neighbors", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_jax.commands.neighbors", description=__doc__.split("\n\n")[0]
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a run's directory: its newest checkpoint and config.json")
     source.add_argument("--checkpoint", help="a converted checkpoint; give --dataset and --data_dir too")

@@ -1,7 +1,7 @@
 """Classify images with a trained run or converted weights: top-5 classes with probabilities.
 
-    python -m alexnet_jax.predict --workdir=runs/alexnet cat.jpg dog.png
-    python -m alexnet_jax.predict --checkpoint=weights/torchvision_alexnet --crops=10 cat.jpg
+    python -m alexnet_jax.commands.predict --workdir=runs/alexnet cat.jpg dog.png
+    python -m alexnet_jax.commands.predict --checkpoint=weights/torchvision_alexnet --crops=10 cat.jpg
 
 Images go through the evaluation preprocessing of data/augment.py (shorter side
 to resize_size, centre image_size crop, the run's input scale); --crops=10 averages
@@ -20,10 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from alexnet_jax import cli, trained
-from alexnet_jax import model as model_lib
+from alexnet_jax import cli
+from alexnet_jax.checkpointing import trained
 from alexnet_jax.data.choices import EVAL_CROPS
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
 
 
 def load_classifier(
@@ -87,10 +88,12 @@ def classify(
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_jax.commands.predict", description=__doc__.split("\n\n")[0]
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a run's directory: its newest checkpoint and config.json")
-    source.add_argument("--checkpoint", help="a converted checkpoint (python -m alexnet_jax.convert)")
+    source.add_argument("--checkpoint", help="a converted checkpoint (python -m alexnet_jax.commands.convert)")
     parser.add_argument("--crops", type=int, default=1, choices=EVAL_CROPS, help="1 = centre crop, 10 = the paper's")
     parser.add_argument("--top", type=int, default=5, help="how many classes to show")
     parser.add_argument("--image_size", type=int, default=-1, help="-1 = as the run was trained")

@@ -1,6 +1,6 @@
 """Study the paper's ideas: train every setting of some config keys with several seeds, and compare them.
 
-    python -m alexnet_jax.study --config=configs/demo.py --workdir=DIR --vary=activation=relu,tanh --seeds=3 \\
+    python -m alexnet_jax.commands.study --config=configs/demo.py --workdir=DIR --vary=activation=relu,tanh --seeds=3 \\
         [--vary=KEY=V1,V2 ...] [--config.KEY=VALUE ...] [--target_train_error=0.25] [--train_set_eval]
 
 Every setting (one value per --vary key; several keys make a grid) trains once per
@@ -43,7 +43,7 @@ from typing import Any
 from alexnet_jax import cli
 from alexnet_jax.errors import UserError
 
-log = logging.getLogger("alexnet_jax.study")  # also when run as __main__
+log = logging.getLogger("alexnet_jax.commands.study")  # also when run as __main__
 
 STUDY_FORMAT = 1
 RUN_DONE_FILE = "study_run.json"
@@ -183,7 +183,8 @@ def plan_runs(base: Any, settings: list[Setting], seeds: list[int], workdir: str
 
 def _check_same_settings(run: Run) -> None:
     """A run directory made with other settings (an edited command) is refused, never mixed in or overwritten."""
-    from alexnet_jax import runinfo, train
+    from alexnet_jax.checkpointing import runinfo
+    from alexnet_jax.training import train
 
     info = runinfo.read_run_info(run.workdir) if os.path.isdir(run.workdir) else None
     if info is None:
@@ -209,8 +210,9 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
     result, not a failure of the study: recorded as diverged (study_run.json), left out of
     the statistics and counted in the table.
     """
-    from alexnet_jax import parallel, train
     from alexnet_jax.data import registry
+    from alexnet_jax.parallel import distributed
+    from alexnet_jax.training import train
 
     start = time.perf_counter()
     try:
@@ -220,7 +222,7 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
         record["wall_s"] = round(time.perf_counter() - start, 1)
         _write_json(run.done_file, record)
         return record
-    step = int(parallel.host_copy(state.step))
+    step = int(distributed.host_copy(state.step))
     del state
     total = train.plan_run(run.config, registry.open_source_from_config(run.config)).total_steps
     if step != total:
@@ -242,8 +244,10 @@ def _score_train_split(run: Run) -> dict[str, float]:
     rebuilt from its workdir as evaluate and predict rebuild it (trained.load)."""
     import jax
 
-    from alexnet_jax import evaluation, parallel, trained
+    from alexnet_jax.checkpointing import trained
     from alexnet_jax.data import pipeline, registry
+    from alexnet_jax.evaluation import core as evaluation
+    from alexnet_jax.parallel import distributed
 
     model = trained.load(run.workdir)
     split = registry.open_source_from_config(run.config).train
@@ -252,7 +256,7 @@ def _score_train_split(run: Run) -> dict[str, float]:
     # The run's own evaluation batch: the same compiled program (a compilation cache hit).
     batch = run.config.eval_batch_size if run.config.eval_batch_size > 0 else run.config.batch_size
     batches = registry.eval_batches(split, aug, per_process_batch=batch)
-    device_batches = parallel.prefetch_to_device(pipeline.device_batches(batches, devices))
+    device_batches = distributed.prefetch_to_device(pipeline.device_batches(batches, devices))
     results, _ = evaluation.evaluate_runs([model], device_batches)
     return results
 
@@ -270,9 +274,9 @@ CURVES = {  # study curve -> (metrics.jsonl key, as an error 1 - accuracy)
 
 def run_curves(workdir: str) -> dict[str, dict[str, list]]:
     """{curve: {"steps": [...], "values": [...]}} of one run, from its metrics.jsonl."""
-    from alexnet_jax import plot
+    from alexnet_jax.reporting import curves
 
-    series = plot.read_series(workdir)
+    series = curves.read_series(workdir)
     curves = {}
     for name, (key, is_error) in CURVES.items():
         steps, values = series.get(key, ([], []))
@@ -616,7 +620,7 @@ def _flags(argv: list[str]):
         raise UserError(message or type(error).__name__) from None
     for name in ("config", "workdir"):
         if values[name].value is None and not values.help:
-            raise UserError(f"--{name} is required (python -m alexnet_jax.study --help)")
+            raise UserError(f"--{name} is required (python -m alexnet_jax.commands.study --help)")
     return values
 
 
@@ -632,7 +636,7 @@ def share_compilations(workdir: str) -> None:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv if argv is None else ["python -m alexnet_jax.study", *argv])
+    argv = list(sys.argv if argv is None else ["python -m alexnet_jax.commands.study", *argv])
     values = _flags(argv)
     if values.help:
         print(__doc__)
@@ -649,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             target_train_error=values.target_train_error,
             train_set_eval=values.train_set_eval,
             one_at_a_time=values.one_at_a_time,
-            command=" ".join(["python -m alexnet_jax.study", *argv[1:]]),
+            command=" ".join(["python -m alexnet_jax.commands.study", *argv[1:]]),
         )
     except StudyStopped as stopped:
         log.warning("study stopped: %s; run the same command again to continue", stopped)

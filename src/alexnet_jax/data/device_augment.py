@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alexnet_jax.preprocess import PCA_EIGVAL, PCA_EIGVEC
+from alexnet_jax.data.choices import PCA_EIGVAL, PCA_EIGVEC
 
 
 def example_keys(seed: int | jax.Array, example_ids: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """The one evaluation core: device batches -> masked sums -> exact metrics, for training and the evaluate tool.
 
-The training loop's Evaluator and python -m alexnet_jax.evaluate (one model or an
+The training loop's Evaluator and python -m alexnet_jax.commands.evaluate (one model or an
 ensemble) both score through evaluate_batches, so the figures a run logs and the
 figures the tool prints come from one code path (big_vision's one evaluator).
 A library module: it reads no flags and no files.
@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alexnet_jax import metrics as metrics_lib
-from alexnet_jax import parallel, schemes, steps, trained
+from alexnet_jax.checkpointing import trained
+from alexnet_jax.model import build
+from alexnet_jax.parallel import distributed, schemes
+from alexnet_jax.step import metrics as metrics_lib
 
 
 def evaluate_batches(
@@ -47,7 +49,7 @@ def evaluate_runs(
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """The runs' (averaged) softmax scored over device batches."""
     # Replicated once on every local device: an unplaced tree would be copied to each device every batch.
-    replicated = NamedSharding(parallel.local_mesh(), PartitionSpec())
+    replicated = NamedSharding(distributed.local_mesh(), PartitionSpec())
     params = [jax.device_put(run.params, replicated) for run in runs]
-    p_eval = schemes.make_eval_step([run.module(steps.resolve_backward_impl("auto")) for run in runs])
+    p_eval = schemes.make_eval_step([run.module(build.resolve_backward_impl("auto")) for run in runs])
     return evaluate_batches(p_eval, params, batches, keep_probabilities=keep_probabilities)

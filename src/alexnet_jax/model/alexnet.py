@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import fast_ops, preprocess
+from alexnet_jax.model import fast_ops, preprocess
 
 VARIANTS = ("paper", "torchvision")
 INITS = ("paper", "modern")
 # How the convolutions and max-pools are differentiated. "fast": hand-written
 # backward passes (fast_ops.py: matmuls, forward convolutions, masks), measured
 # faster on XLA:CPU; "lax": JAX's autodiff of the lax ops. The math is the same
-# either way. The caller picks (steps.create_model resolves config "auto" by backend).
+# either way. The caller picks (build.create_model resolves config "auto" by backend).
 BACKWARD_IMPLS = ("fast", "lax")
 # How the paper variant's grouped convolutions (conv2, conv4, conv5) run, a GPU speed
 # lever (XLA's grouped-convolution backward pass is reported as slow as an ungrouped

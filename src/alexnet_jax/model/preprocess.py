@@ -12,17 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# ImageNet RGB statistics for pixels in [0, 1], and the PCA of its RGB covariance
-# (eigenvalues, eigenvectors) that the paper's colour noise uses, as torchvision and
-# fb.resnet.torch publish them.
+# ImageNet RGB statistics for pixels in [0, 1], as torchvision and fb.resnet.torch publish them. The PCA
+# colour noise's eigenvalues and eigenvectors live with the augmentation (data/choices.py).
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = (  # columns are the eigenvectors
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
 
 
 # How uint8 pixels become model input.

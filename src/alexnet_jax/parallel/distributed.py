@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS = "batch"  # the pmap axis name the steps reduce over
+from alexnet_jax.step.steps import AXIS  # the axis name the steps reduce over
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alexnet_jax import model as model_lib
-from alexnet_jax import parallel, steps
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.parallel import distributed
+from alexnet_jax.step import steps
 
 P = PartitionSpec
 DATA, MODEL = "data", "model"  # the mesh axes of the mesh schemes
@@ -51,8 +52,8 @@ def make_scheme(parallelism: str, *, variant: str, model_axis: int = 1, devices:
     if parallelism == "pmap":
         return PmapScheme()
     if parallelism == "shard_map":
-        mesh = Mesh(np.array(devices or jax.local_devices()), (parallel.AXIS,))
-        return MeshScheme("shard_map", mesh, variant, example_axes=(parallel.AXIS,))
+        mesh = Mesh(np.array(devices or jax.local_devices()), (distributed.AXIS,))
+        return MeshScheme("shard_map", mesh, variant, example_axes=(distributed.AXIS,))
     devices = list(devices or jax.devices())
     if parallelism == "data":
         return MeshScheme("data", _mesh((len(devices),), (DATA,), devices), variant, example_axes=(DATA,))
@@ -112,22 +113,24 @@ class PmapScheme:
             augment=augment,
             grad_accum_steps=grad_accum_steps,
         )
-        p_train = jax.pmap(train, axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,))
+        p_train = jax.pmap(
+            train, axis_name=distributed.AXIS, in_axes=(None, 0, None), out_axes=None, donate_argnums=(0,)
+        )
         return p_train, self.make_eval_step((model,))
 
     def make_eval_step(self, models):
         eval_fn = functools.partial(steps.eval_step, models=tuple(models))
-        return jax.pmap(eval_fn, axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=(None, 0))
+        return jax.pmap(eval_fn, axis_name=distributed.AXIS, in_axes=(None, 0), out_axes=(None, 0))
 
     def restore_target(self, state):
         return state  # restored per process onto one device, then replicated
 
     def place_state(self, state):
-        return parallel.replicate(state)
+        return distributed.replicate(state)
 
     def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         local = jax.local_device_count()
-        return parallel.shard_to_devices({k: v.reshape((local, -1) + v.shape[1:]) for k, v in batch.items()})
+        return distributed.shard_to_devices({k: v.reshape((local, -1) + v.shape[1:]) for k, v in batch.items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,19 +1,14 @@
 """Training curves from metrics.jsonl: loss, top-1 and top-5 error against step.
 
-    python -m alexnet_jax.plot --workdir=runs/a [--workdir=runs/b ...] [--out=curves.png]
-
 One colour per workdir; training solid, evaluation dashed with markers. The
-paper plots error rates, so accuracies are drawn as 100% - accuracy.
-"""
+paper plots error rates, so accuracies are drawn as 100% - accuracy."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 
-from alexnet_jax import cli, paths
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,21 +100,3 @@ def _labels(workdirs: list[str]) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return [os.path.abspath(w) for w in workdirs]
-
-
-@cli.command
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", action="append", required=True, help="a run's directory; repeat to compare runs")
-    parser.add_argument("--out", default="", help=f"PNG to write (default: FIRST_WORKDIR/{CURVES_FILE})")
-    args = parser.parse_args(argv)
-    workdirs = [paths.readable_directory(workdir, flag="--workdir") for workdir in args.workdir]
-    out = args.out or os.path.join(workdirs[0], CURVES_FILE)
-    paths.writable_directory(os.path.dirname(os.path.abspath(out)), flag="--out's directory")
-    plot_curves(workdirs, out)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

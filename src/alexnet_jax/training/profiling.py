@@ -11,31 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any
 
 import jax
 
-from alexnet_jax.errors import UserError
+from alexnet_jax.config import parse_profile_steps
 
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = os.path.join("plugins", "profile")  # under the workdir: TensorBoard's profile plugin layout
-_STEPS = re.compile(r"(\d+)(?:-(\d+))?")
-
-
-def parse_steps(spec: str) -> tuple[int, int] | None:
-    """config.profile_steps -> (first, last) updates, counted from 1 as the log counts them; None when "" (off)."""
-    if spec == "":
-        return None
-    match = _STEPS.fullmatch(spec)
-    first, last = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
-    if first < 1 or last < first:
-        raise UserError(
-            f"config.profile_steps={spec!r} is not a step range; use 'FIRST-LAST' (e.g. '10-15', steps counted "
-            "from 1), one step ('12'), or '' for no profile"
-        )
-    return first, last
 
 
 class StepProfiler:
@@ -46,7 +30,7 @@ class StepProfiler:
     """
 
     def __init__(self, spec: str, workdir: str, *, enabled: bool):
-        self.window = parse_steps(spec) if enabled else None
+        self.window = parse_profile_steps(spec) if enabled else None
         self.workdir = workdir
         self.directory = os.path.join(workdir, PROFILE_DIR)
         self.tracing = False

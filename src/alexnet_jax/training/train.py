@@ -21,29 +21,19 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax import (
-    cli,
-    figures,
-    optim,
-    parallel,
-    paths,
-    plot,
-    preemption,
-    preprocess,
-    profiling,
-    runinfo,
-    schemes,
-    steps,
-    trained,
-    watchdog,
-    workdir_lock,
-)
+from alexnet_jax import cli, paths
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics as metrics_lib
+from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
+from alexnet_jax.checkpointing import runinfo, trained, workdir_lock
 from alexnet_jax.errors import UserError
-from alexnet_jax.evaluation import evaluate_batches
-from alexnet_jax.steps import TrainState
+from alexnet_jax.evaluation.core import evaluate_batches
+from alexnet_jax.model import build, preprocess
+from alexnet_jax.parallel import distributed, schemes
+from alexnet_jax.reporting import curves, figures
+from alexnet_jax.reporting import metrics as metrics_lib
+from alexnet_jax.step import optim, steps
+from alexnet_jax.step.steps import TrainState
+from alexnet_jax.training import preemption, profiling, watchdog
 
 if TYPE_CHECKING:
     import ml_collections
@@ -268,7 +258,7 @@ def restore_or_init(
 def warn_other_architecture(pretrained: trained.TrainedModel, config: ml_collections.ConfigDict) -> list[str]:
     """init_from weights trained with other ablation switches (activation, pooling, LRN) fit the
     same shapes, so they load; say so, since the features they learned were for another network."""
-    mine = steps.architecture(config)
+    mine = build.architecture(config)
     changed = [
         f"{key} {pretrained.architecture[key]!r} -> {mine[key]!r}"
         for key in ("activation", "pooling", "lrn")
@@ -338,12 +328,12 @@ def make_inputs(
         start_step=start_step,
         **shard,
     )
-    train = parallel.prefetch_to_device(train_batches, config.prefetch_to_device, place=scheme.place_batch)
+    train = distributed.prefetch_to_device(train_batches, config.prefetch_to_device, place=scheme.place_batch)
 
     def eval_batches():
         per_process_batch = plan.eval_batch // plan.process_count
         batches = registry.eval_batches(source.eval, aug, per_process_batch=per_process_batch, **shard)
-        return parallel.prefetch_to_device(batches, place=scheme.place_batch)
+        return distributed.prefetch_to_device(batches, place=scheme.place_batch)
 
     augment = None
     if source.train.augments_on_device:
@@ -367,7 +357,7 @@ class Evaluator:
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
         results, _ = evaluate_batches(self.p_eval, (state.params,), self.inputs.eval())
         self.writer.write(step, results)
-        conv1 = {"conv1": parallel.host_copy(state.params["conv1"])}  # every process: split across hosts maybe
+        conv1 = {"conv1": distributed.host_copy(state.params["conv1"])}  # every process: split across hosts maybe
         if self.writer.enabled:  # Figure 3 of the paper, as training goes
             figures.write_conv1_filters(
                 self.workdir, conv1, self.variant, step, summary_writer=self.writer.summary_writer
@@ -419,7 +409,7 @@ def summarize_train(pending: list[tuple[int, dict]], *, restored_step: int | Non
 
     This is the loop's only host sync between logs: it waits for the steps to finish.
     """
-    host = parallel.host_copy([m for _, m in pending])
+    host = distributed.host_copy([m for _, m in pending])
     for (step, _), values in zip(pending, host):
         if not bool(values["finite"]):
             raise DivergenceError(_divergence_message(step, values, restored_step))
@@ -450,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns the final state. SIGTERM/SIGINT stop it early with a checkpoint (and a normal return).
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-    log.info("devices: %s", parallel.describe())
+    log.info("devices: %s", distributed.describe())
     if config.init_from:  # a bad weights path is one line now, not after TensorFlow and the data have loaded
         trained.check_path(config.init_from, flag="config.init_from")
     guard = start_watchdog(config, workdir)  # several processes: a lost or hung one ends the job in one line
@@ -473,7 +463,7 @@ def start_watchdog(config: ml_collections.ConfigDict, workdir: str) -> watchdog.
     """The watchdog of this process (threads only when there are peers to watch)."""
     checkpoints = os.path.join(os.path.abspath(workdir), checkpoint_lib.CHECKPOINTS_DIR)
     return watchdog.Watchdog(
-        client=parallel.coordination_client(),
+        client=distributed.coordination_client(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         peer_timeout_s=config.peer_timeout_s,
@@ -505,7 +495,7 @@ def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, guard: watchdog.Watchdog) -> TrainState:
     from alexnet_jax.data import registry
 
-    prepare = functools.partial(parallel.prepare_on_process_0, timeout_s=config.prepare_timeout_s)
+    prepare = functools.partial(distributed.prepare_on_process_0, timeout_s=config.prepare_timeout_s)
     source = registry.open_source_from_config(config, prepare=prepare)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = Resume.find(checkpointer, workdir)
@@ -517,7 +507,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, guard: 
         checkpoint_lib.check_compatible(resume.meta, plan.model_meta(config), checkpointer.directory)
         resume.warn_changed_settings(config, plan.process_count)
 
-    model = steps.create_model(config, plan.num_classes, input_scale=plan.input_scale)
+    model = build.create_model(config, plan.num_classes, input_scale=plan.input_scale)
     schedule = optim.make_schedule(config, plan.steps_per_epoch, plan.total_steps)
     tx = optim.make_optimizer(config, schedule)
     scheme = schemes.from_config(config)  # how the step is placed on the devices (README, Parallelism)
@@ -532,7 +522,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, guard: 
         workdir=workdir,
         scheme=scheme,
     )
-    start_step = int(parallel.host_copy(state.step))
+    start_step = int(distributed.host_copy(state.step))
     if plan.is_primary:
         _record_run(workdir, config, plan, source)
     inputs = make_inputs(config, plan, source, start_step, scheme)
@@ -610,7 +600,7 @@ def run_loop(
 ) -> TrainState:
     """Steps from the state's step to plan.total_steps, logging, evaluating and checkpointing as due."""
     dropout_rng = steps.dropout_root_key(config.seed, config.prng_impl)
-    start_step = int(parallel.host_copy(state.step))
+    start_step = int(distributed.host_copy(state.step))
     progress = metrics_lib.Progress(plan.total_steps, plan.global_batch, data_wait_shown=DATA_WAIT_SHOWN)
     watch = DataWaitWatch()
     meter = Meter(plan.global_batch)
@@ -668,14 +658,14 @@ class DataWaitWatch:
             self.warned = True
             log.warning(
                 "the input pipeline is the bottleneck: the loop waited for data %.0f%% of the time. Remedies: "
-                "pack the data decode-free (python -m alexnet_jax.data.pack, then --config.dataset=packed), "
-                "give the host more CPU cores, or train on a pre-resized copy (python -m alexnet_jax.data.resize)",
+                "pack the data decode-free (python -m alexnet_jax.commands.pack, then --config.dataset=packed), "
+                "give the host more CPU cores, or train on a pre-resized copy (python -m alexnet_jax.commands.resize)",
                 100 * data_wait_frac,
             )
 
 
 def _draw_curves(workdir: str) -> None:
     try:
-        plot.plot_curves([workdir], os.path.join(workdir, plot.CURVES_FILE))
+        curves.plot_curves([workdir], os.path.join(workdir, curves.CURVES_FILE))
     except Exception as error:  # a figure must never fail a finished run
         log.warning("could not draw %s/curves.png: %s", workdir, error)
