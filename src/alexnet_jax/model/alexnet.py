@@ -34,7 +34,7 @@ GROUP_CONVS = ("grouped", "split")
 # The precision of the LRN's band matmul (lax.Precision). On CPU all three compute in
 # float32; on GPUs "high" and "default" may round its float32 inputs to TF32 (10
 # mantissa bits), on TPUs "default" to bfloat16. LRN_PRECISION_RTOL bounds the
-# relative error each gives on the LRN's output (tests/test_levers.py).
+# relative error each gives on the LRN's output (tests/training/test_levers.py).
 LRN_PRECISIONS = ("highest", "high", "default")
 _LAX_PRECISION = {
     "highest": jax.lax.Precision.HIGHEST,

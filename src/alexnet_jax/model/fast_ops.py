@@ -17,7 +17,7 @@ forward convolution and rewrites the backward pass by hand:
   drops it).
 
 The math is the convolution's: same parameters and outputs, gradients equal to
-lax's up to float summation order (tests/test_fast_ops.py checks both).
+lax's up to float summation order (tests/model/test_fast_ops.py checks both).
 """
 
 from __future__ import annotations
