@@ -15,8 +15,7 @@ from conftest import child_env, launch_command, mounted_tmpfs
 
 from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
 from alexnet_jax.checkpointing import manifest
-from alexnet_jax.commands import convert, evaluate, neighbors, plot, predict
-from alexnet_jax.data import pack, resize
+from alexnet_jax.commands import convert, evaluate, neighbors, pack, plot, predict, resize
 
 # Root passes permission bits by its capabilities; without them it meets them as any user does.
 NO_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]

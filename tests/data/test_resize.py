@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax.commands import resize as resize_command
 from alexnet_jax.data import resize, sources
 from alexnet_jax.errors import UserError
 
@@ -37,7 +38,7 @@ def _digest(root):
 def test_resized_copy(source_folder, tmp_path):
     before = _digest(source_folder)
     out = tmp_path / "out"
-    assert resize.main([f"--data_dir={source_folder}", f"--out={out}", "--size=128", "--workers=2"]) == 0
+    assert resize_command.main([f"--data_dir={source_folder}", f"--out={out}", "--size=128", "--workers=2"]) == 0
     assert _digest(source_folder) == before  # the source is only read
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
     copy = sources.image_folder(str(out))
@@ -75,7 +76,7 @@ def test_check_finds_files_that_only_a_full_decode_rejects(source_folder, capsys
     start = data.index(b"\xff\xc0")
     data[start + 5 : start + 9] = b"\x00\x00\x00\x00"  # the frame header says 0x0 pixels; both ends intact
     (source_folder / "train" / "dog" / "broken.jpg").write_bytes(bytes(data))
-    assert resize.main([f"--data_dir={source_folder}", "--check"]) == 1
+    assert resize_command.main([f"--data_dir={source_folder}", "--check"]) == 1
     output = capsys.readouterr().out
     assert "broken.jpg" in output and "1 file(s) fail to decode" in output
 

@@ -201,7 +201,7 @@ def test_a_few_steps_fit_a_batch(plain):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_top_k_counts_ties_for_the_label(k):
-    from alexnet_jax.reporting.metrics import correct_top_k
+    from alexnet_jax.step.metrics import correct_top_k
 
     logits = jnp.array([[0.1, 0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
     labels = jnp.array([2, 3])
