@@ -2,13 +2,13 @@
 
     python bench/train_step.py --model=torchvision --batch_size=32 --image_size=224 --steps=10 --compare_torch
 
-The step is the one training uses: alexnet_jax.training.train.make_steps over all local
+The step is the one training uses: alexnet_jax.training.loop.make_steps over all local
 devices, with the optimizer from alexnet_jax.step.optim, after compilation. The JAX
 and PyTorch timings alternate in rounds inside one process, so both see the same
 machine load; the medians are reported. The last line printed is one JSON object.
 
 --input=demo instead feeds the step from the real input pipeline on the bundled
-demo digits (tf.data + prefetch_to_device, as train.train_and_evaluate does) and
+demo digits (tf.data + prefetch_to_device, as training.loop.train_and_evaluate does) and
 reports the loop's step time next to the synthetic-input step time; that mode
 imports TensorFlow, the default mode never does (GPU machines have none), nor
 ml_collections (alexnet_jax.config is not imported).
@@ -358,7 +358,7 @@ def torch_alexnet(nn, variant: str, num_classes: int):
 
 
 def demo_batches(args, devices: int):
-    """Real input, as train.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
+    """Real input, as training.loop.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
     from alexnet_jax.data import pipeline, registry
     from alexnet_jax.parallel import distributed
 

@@ -36,8 +36,8 @@ def test_the_model_importing_training_breaks_the_layers(tmp_path):
     shutil.copy(os.path.join(REPO, "pyproject.toml"), tmp_path)
     shutil.copytree(os.path.join(REPO, "src", "alexnet_jax"), tmp_path / "src" / "alexnet_jax")
     model = tmp_path / "src" / "alexnet_jax" / "model" / "alexnet.py"
-    model.write_text(model.read_text() + "\n\ndef _planted():\n    from alexnet_jax.training import train  # noqa\n")
+    model.write_text(model.read_text() + "\n\ndef _planted():\n    from alexnet_jax.training import loop  # noqa\n")
     result = _lint_imports(tmp_path, tmp_path / "src")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "The wings form layers" in result.stdout and "BROKEN" in result.stdout
-    assert "alexnet_jax.model.alexnet -> alexnet_jax.training.train" in result.stdout
+    assert "alexnet_jax.model.alexnet -> alexnet_jax.training.loop" in result.stdout

@@ -13,7 +13,7 @@ from alexnet_jax.commands import convert, predict
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import alexnet as model_lib
 from alexnet_jax.model import preprocess
-from alexnet_jax.training import train
+from alexnet_jax.training import loop
 
 torch = optional("torch")
 nn = torch.nn
@@ -146,11 +146,11 @@ def test_cli_writes_a_checkpoint_that_loads_back(torch_model, state_dict, image_
     # A run starts from it: every layer copied; fc8 stays fresh for another class count.
     fresh = jax.tree_util.tree_map(np.zeros_like, expected)
     fresh["fc8"] = {"kernel": np.ones((4096, 5), np.float32), "bias": np.zeros(5, np.float32)}
-    merged = train.init_params_from(loaded, fresh, "torchvision")
+    merged = loop.init_params_from(loaded, fresh, "torchvision")
     np.testing.assert_array_equal(merged["conv1"]["kernel"], expected["conv1"]["kernel"])
     np.testing.assert_array_equal(merged["fc8"]["kernel"], fresh["fc8"]["kernel"])
     with pytest.raises(UserError, match="config.model='paper'"):
-        train.init_params_from(loaded, fresh, "paper")
+        loop.init_params_from(loaded, fresh, "paper")
 
 
 class _Payload:

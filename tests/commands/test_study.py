@@ -15,7 +15,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax.checkpointing import trained
 from alexnet_jax.commands import study
 from alexnet_jax.reporting import metrics as metrics_lib
-from alexnet_jax.training import train
+from alexnet_jax.training import loop
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -158,7 +158,7 @@ def test_a_killed_study_resumes_writes_its_outputs_and_its_runs_rebuild(photo_fo
     assert record["eval/top1_acc"] == final["eval/top1_acc"] and record["eval/num_examples"] == 20
     assert record["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     # init_from across switches loads (the shapes match) but says what differs.
-    assert train.warn_other_architecture(loaded, config_lib.base_config()) == [
+    assert loop.warn_other_architecture(loaded, config_lib.base_config()) == [
         "activation 'tanh' -> 'relu'",
         "pooling 'non_overlapping' -> 'overlapping'",
         "lrn False -> None",

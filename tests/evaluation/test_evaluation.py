@@ -16,7 +16,7 @@ from alexnet_jax.parallel import distributed, schemes
 from alexnet_jax.reporting import metrics as reporting_metrics
 from alexnet_jax.step import metrics as metrics_lib
 from alexnet_jax.step import steps
-from alexnet_jax.training import train
+from alexnet_jax.training import loop
 
 SIZE, CLASSES, CROPS = 63, 7, 10
 
@@ -96,9 +96,9 @@ def test_training_evaluator_averages_ten_crops_and_masks_padding(model_and_param
     model, params = model_and_params
     batch, expected = ten_crop_batch
     _, p_eval = schemes.make_steps(model, optax_sgd(), lambda step: 0.0)
-    inputs = train.Inputs(train=iter(()), eval=lambda: iter(_device_batches(batch)), augment=None)
+    inputs = loop.Inputs(train=iter(()), eval=lambda: iter(_device_batches(batch)), augment=None)
     writer = reporting_metrics.MetricWriter("unused", enabled=False)
-    evaluator = train.Evaluator(p_eval, inputs, writer, workdir="unused", variant="paper")
+    evaluator = loop.Evaluator(p_eval, inputs, writer, workdir="unused", variant="paper")
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=())
     _check(evaluator(1, state), expected)
 

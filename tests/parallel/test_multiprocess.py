@@ -131,9 +131,9 @@ def _wrapper(path, patch):
 # threads (JAX's heartbeat, the watchdog's pulse) go on.
 _HANG = """
     import threading
-    from alexnet_jax.training import train
+    from alexnet_jax.training import loop
 
-    original, calls = train.Meter.next_batch, [0]
+    original, calls = loop.Meter.next_batch, [0]
 
     def next_batch(self, batches):
         calls[0] += 1
@@ -142,7 +142,7 @@ _HANG = """
             threading.Event().wait()
         return original(self, batches)
 
-    train.Meter.next_batch = next_batch
+    loop.Meter.next_batch = next_batch
 """
 
 # Short bounds for the test (the defaults are 60, 120 and 100 s); the heartbeat stays above the peer timeout.

@@ -236,14 +236,14 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
     import logging
     import time
 
-    from alexnet_jax.training import train
+    from alexnet_jax.training import loop
 
     def slow_batches():
         while True:
             time.sleep(0.05)
             yield {}
 
-    meter = train.Meter(global_batch=8)
+    meter = loop.Meter(global_batch=8)
     batches = slow_batches()
     for _ in range(4):
         meter.next_batch(batches)
@@ -259,8 +259,8 @@ def test_the_meter_measures_the_share_of_time_spent_waiting_for_input(caplog):
         time.sleep(0.02)
     assert meter.summary()["train/data_wait_frac"] < 0.1
 
-    watch = train.DataWaitWatch()
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.train"):
+    watch = loop.DataWaitWatch()
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.loop"):
         watch.check(0.5)
         assert not caplog.records  # one slow interval is not a pattern
         watch.check(0.6)

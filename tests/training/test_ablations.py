@@ -19,7 +19,7 @@ from alexnet_jax.model import alexnet as model_lib
 from alexnet_jax.model import build
 from alexnet_jax.parallel import schemes
 from alexnet_jax.step import steps
-from alexnet_jax.training import train
+from alexnet_jax.training import loop
 
 SIZE = 67  # conv1 gives 16x16: an even side, where 2x2/2 windows must be cut to keep the paper's sizes
 ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
@@ -215,7 +215,7 @@ def small_photos(tmp_path_factory):
 @pytest.mark.parametrize("path", ["tf.data", "packed"])
 @pytest.mark.parametrize("random_crop", [False, True])
 def test_the_training_loop_passes_random_crop_to_its_input(small_photos, tmp_path, path, random_crop):
-    """train.make_inputs, as a run builds its input: every training image is its example's centre crop
+    """loop.make_inputs, as a run builds its input: every training image is its example's centre crop
     (the evaluation crop) exactly when config.random_crop is off, on both input paths."""
     config = dict_config(image_size=64, batch_size=8, random_flip=False, pca_noise_std=0.0, random_crop=random_crop)
     if path == "packed":
@@ -224,8 +224,8 @@ def test_the_training_loop_passes_random_crop_to_its_input(small_photos, tmp_pat
     else:
         config.update(dataset="image_folder", data_dir=str(small_photos))
     source = registry.open_source_from_config(config)
-    plan = train.plan_run(config, source)
-    inputs = train.make_inputs(config, plan, source, 0, schemes.from_config(config))
+    plan = loop.plan_run(config, source)
+    inputs = loop.make_inputs(config, plan, source, 0, schemes.from_config(config))
     batch = jax.device_get(next(inputs.train))  # [devices, per_device, ...]
     if path == "packed":
         assert inputs.augment.random_crop is random_crop

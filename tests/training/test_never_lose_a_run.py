@@ -15,7 +15,7 @@ from test_fault_tolerance import _command, _run  # the demo on the image folder,
 
 from alexnet_jax import config as config_lib
 from alexnet_jax.reporting import metrics as metrics_lib
-from alexnet_jax.training import train
+from alexnet_jax.training import loop
 
 
 def _train_steps(workdir):
@@ -99,12 +99,12 @@ def test_a_resume_with_changed_settings_names_each_change(caplog):
     config = config_lib.base_config()
     recorded = json.loads(config.to_json_best_effort())  # as config.json holds it
     info = {"config": {**recorded, "batch_size": 64, "seed": 3}, "process_count": 1}
-    resume = train.Resume(step=5, meta={}, info=info)
+    resume = loop.Resume(step=5, meta={}, info=info)
     config.log_every_steps = 7  # changes nothing the steps compute
-    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.train"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_jax.training.loop"):
         changed = resume.warn_changed_settings(config, process_count=2)
     assert changed == ["batch_size 64 -> 128", "process_count 1 -> 2", "seed 3 -> 0"]
     assert "exact resume no longer holds" in caplog.text and "batch_size 64 -> 128" in caplog.text
     assert len(caplog.records) == 1
-    same = train.Resume(step=5, meta={}, info={"config": json.loads(config.to_json_best_effort()), "process_count": 2})
+    same = loop.Resume(step=5, meta={}, info={"config": json.loads(config.to_json_best_effort()), "process_count": 2})
     assert same.warn_changed_settings(config, process_count=2) == []

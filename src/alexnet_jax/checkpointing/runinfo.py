@@ -2,7 +2,7 @@
 
 Checkpoints hold arrays; predicting, finding neighbours or fine-tuning also
 needs the class names, the input size and where the validation images are.
-train.py writes them once at the start of a run as WORKDIR/config.json:
+training/loop.py writes them once at the start of a run as WORKDIR/config.json:
 
     {
       "format": 1,

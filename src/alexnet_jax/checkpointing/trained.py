@@ -44,7 +44,7 @@ class TrainedModel:
     architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: build.architecture({}))
 
     def module(self, backward_impl: str = "lax") -> model_lib.AlexNet:
-        """The network as it was trained (train.py builds it with build.create_model from the same keys)."""
+        """The network as it was trained (training/loop.py builds it with build.create_model from the same keys)."""
         return model_lib.AlexNet(
             variant=self.variant,
             num_classes=self.num_classes,

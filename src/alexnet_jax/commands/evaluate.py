@@ -40,7 +40,7 @@ def load_run(workdir: str) -> trained.TrainedModel:
     if runinfo.read_run_info(workdir) is None:
         raise UserError(
             f"{workdir} has no config.json, so the dataset and input size it was trained with are unknown; "
-            "evaluate runs made by this version of train.py"
+            "evaluate runs made by this version of the training loop"
         )
     return trained.load(workdir)
 

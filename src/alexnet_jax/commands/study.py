@@ -4,7 +4,7 @@
         [--vary=KEY=V1,V2 ...] [--config.KEY=VALUE ...] [--target_train_error=0.25] [--train_set_eval]
 
 Every setting (one value per --vary key; several keys make a grid) trains once per
-seed, each a normal run (train.train_and_evaluate, in this process) in
+seed, each a normal run (loop.train_and_evaluate, in this process) in
 DIR/<setting>/seed<k>, e.g. DIR/activation=tanh/seed1. A finished run leaves
 study_run.json there and is never trained again; a killed study, run again with the
 same command, skips the finished runs and resumes the one it was in from its last
@@ -184,7 +184,7 @@ def plan_runs(base: Any, settings: list[Setting], seeds: list[int], workdir: str
 def _check_same_settings(run: Run) -> None:
     """A run directory made with other settings (an edited command) is refused, never mixed in or overwritten."""
     from alexnet_jax.checkpointing import runinfo
-    from alexnet_jax.training import train
+    from alexnet_jax.training import loop
 
     info = runinfo.read_run_info(run.workdir) if os.path.isdir(run.workdir) else None
     if info is None:
@@ -193,7 +193,7 @@ def _check_same_settings(run: Run) -> None:
     changed = [
         f"{key} {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
-        if key not in train.RESUME_NEUTRAL_KEYS and old.get(key) != new.get(key)
+        if key not in loop.RESUME_NEUTRAL_KEYS and old.get(key) != new.get(key)
     ]
     if changed:
         raise UserError(
@@ -212,19 +212,19 @@ def train_run(run: Run, *, train_set_eval: bool) -> dict[str, Any]:
     """
     from alexnet_jax.data import registry
     from alexnet_jax.parallel import distributed
-    from alexnet_jax.training import train
+    from alexnet_jax.training import loop
 
     start = time.perf_counter()
     try:
-        state = train.train_and_evaluate(run.config, run.workdir)
-    except train.DivergenceError as error:
+        state = loop.train_and_evaluate(run.config, run.workdir)
+    except loop.DivergenceError as error:
         record = {"setting": run.setting.values, "seed": run.seed, "diverged": str(error)}
         record["wall_s"] = round(time.perf_counter() - start, 1)
         _write_json(run.done_file, record)
         return record
     step = int(distributed.host_copy(state.step))
     del state
-    total = train.plan_run(run.config, registry.open_source_from_config(run.config)).total_steps
+    total = loop.plan_run(run.config, registry.open_source_from_config(run.config)).total_steps
     if step != total:
         raise StudyStopped(f"{run.workdir} stopped at step {step} of {total}")
     record: dict[str, Any] = {"setting": run.setting.values, "seed": run.seed, "steps": step}

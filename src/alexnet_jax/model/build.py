@@ -61,7 +61,7 @@ def architecture(settings: Any) -> dict[str, Any]:
 def create_model(config: Any, num_classes: int, *, input_scale: str | None = None) -> model_lib.AlexNet:
     """The model a config describes, with every implementation choice resolved here.
 
-    input_scale: the run's resolved input scale (train.plan_run also looks at a resumed
+    input_scale: the run's resolved input scale (loop.plan_run also looks at a resumed
     run and init_from weights); None resolves config.input_scale by the variant alone.
     """
     return model_lib.AlexNet(

@@ -1,7 +1,7 @@
 """Parallelism schemes: ways of placing the one train step and the one eval step on devices.
 
 A scheme is a mesh, the PartitionSpecs of the state and the batch, and where the
-collectives go; never a copy of the step. train.py asks it for make_steps,
+collectives go; never a copy of the step. training/loop.py asks it for make_steps,
 place_state and place_batch, whatever it is:
 
     pmap         jax.pmap over the local devices; every device holds the whole network.

@@ -1,3 +1,3 @@
-"""The training loop (train.train_and_evaluate) and what only the loop uses: preemption, profiling and
+"""The training loop (loop.train_and_evaluate) and what only the loop uses: preemption, profiling and
 the watchdog.
 """
