@@ -40,12 +40,13 @@ def main(argv: list[str]) -> None:
     cli.setup_logging(project_level=logging.INFO, stream=sys.stdout)
     import jax
 
-    from alexnet_jax import accelerators, parallel, train
+    from alexnet_jax.parallel import accelerators, distributed
+    from alexnet_jax.training import loop
 
     try:
         accelerators.select_platform(FLAGS.config.platform)  # before JAX starts a backend
         # Before any computation: TPU pods, SLURM and Open MPI are detected; by hand, the flags say.
-        parallel.initialize_distributed(
+        distributed.initialize_distributed(
             FLAGS.coordinator_address,
             FLAGS.num_processes,
             FLAGS.process_id,
@@ -53,14 +54,14 @@ def main(argv: list[str]) -> None:
         )
         cli.warnings_only_unless_primary(jax.process_index())  # a job log shows each step once
         accelerators.check_devices(FLAGS.config.platform)  # no training on the CPU by accident, before any data
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as error:
         cli.print_error(error)
         sys.exit(cli.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
-    # TensorFlow loads later (train.train_and_evaluate, without its C++ start-up notices), once the
+    # TensorFlow loads later (loop.train_and_evaluate, without its C++ start-up notices), once the
     # flags, the config and the workdir's lock have passed: a mistake there is reported in seconds.
     cli.native_notices_asked_for()  # before the config file imports JAX
     cli.drop_closed_event_loop_noise()

@@ -3,7 +3,7 @@
     python bench/checkpoint_verify.py [--workdir=/tmp/verify_bench] [--megabytes=250]
 
 Saves a state of float32 noise through the project's Checkpointer (which writes
-MANIFEST.json), then times checkpoint_manifest.verify_step twice with the files in the
+MANIFEST.json), then times manifest.verify_step twice with the files in the
 page cache and twice after dropping it (`echo 3 > /proc/sys/vm/drop_caches`,
 root only; skipped otherwise). Prints one JSON line last.
 """
@@ -29,7 +29,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from alexnet_jax import checkpoint, checkpoint_manifest, checkpoint_storage
+    from alexnet_jax.checkpointing import checkpoint, manifest, storage
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ def main() -> None:
     result = {"bench": "checkpoint_verify", "save_with_manifest_s": round(time.perf_counter() - start, 3)}
     saver.close()
     step_dir = os.path.join(saver.directory, "1")
-    size = checkpoint_storage.directory_bytes(step_dir)
+    size = storage.directory_bytes(step_dir)
     result["bytes"] = size
     can_drop = os.geteuid() == 0
     for label in ("warm", "warm2", "cold", "cold2"):
@@ -51,7 +51,7 @@ def main() -> None:
                 continue
             subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
         start = time.perf_counter()
-        verdict = checkpoint_manifest.verify_step(step_dir)
+        verdict = manifest.verify_step(step_dir)
         elapsed = time.perf_counter() - start
         assert verdict.problem is None and verdict.manifest
         result[f"verify_{label}_s_per_GB"] = round(elapsed / (size / 1e9), 3)

@@ -267,7 +267,7 @@ def plan(settings: Settings) -> list[Stage]:
 
 
 def _flops_per_image(model: str, image_size: int, num_classes: int) -> float:
-    from alexnet_jax import model as model_lib  # pure Python arithmetic; starts no backend
+    from alexnet_jax.model import alexnet as model_lib
 
     return model_lib.train_flops_per_image(model, image_size, num_classes)
 

@@ -184,7 +184,7 @@ class InitialStates:
     def get(self, model, tx, image_size: int):
         import jax
 
-        from alexnet_jax import steps
+        from alexnet_jax.step import steps
 
         key = (model.variant, model.num_classes, image_size)
         if key not in self._host:
@@ -205,7 +205,9 @@ class JaxCell:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel, schemes, steps
+        from alexnet_jax.model import build
+        from alexnet_jax.parallel import distributed, schemes
+        from alexnet_jax.step import optim, steps
 
         start = time.perf_counter()
         self.jax, self.cell = jax, cell
@@ -225,7 +227,7 @@ class JaxCell:
             ]
         )
         config = train_step.bench_config(args)
-        model = steps.create_model(config, args.num_classes)
+        model = build.create_model(config, args.num_classes)
         self.backward_impl_resolved = model.backward_impl
         schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
         tx = optim.make_optimizer(config, schedule)
@@ -245,7 +247,7 @@ class JaxCell:
             host["example_ids"] = np.arange(self.global_batch, dtype=np.int32).reshape((devices, per_device))
         else:
             host["color"] = generator.normal(0, 0.01, (devices, per_device, 3)).astype(np.float32)
-        self.batch = parallel.shard_to_devices(host)
+        self.batch = distributed.shard_to_devices(host)
         jax.block_until_ready((self.state, self.batch))
         self.setup_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -536,7 +538,7 @@ class TorchModel:
     def __init__(self, torch, cell: dict, settings: dict, *, compile_backend: str | None):
         from torch import nn
 
-        from alexnet_jax import preprocess
+        from alexnet_jax.model import preprocess
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -47,14 +47,16 @@ def measure(args: argparse.Namespace, accum: int) -> dict:
     import numpy as np
     import train_step as step_bench  # bench/train_step.py: its synthetic config and memory probes
 
-    from alexnet_jax import optim, parallel, schemes, steps
+    from alexnet_jax.model import build
+    from alexnet_jax.parallel import distributed, schemes
+    from alexnet_jax.step import optim, steps
 
     config = step_bench.bench_config(
         step_bench.parse_args([f"--model={args.model}", f"--batch_size={args.batch_size}", f"--dtype={args.dtype}"])
     )
     devices = jax.local_device_count()
     per_device = args.batch_size // devices
-    model = steps.create_model(config, 1000)
+    model = build.create_model(config, 1000)
     schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
     tx = optim.make_optimizer(config, schedule)
     init_rng, dropout_rng = jax.random.split(jax.random.key(0))
@@ -62,7 +64,7 @@ def measure(args: argparse.Namespace, accum: int) -> dict:
     p_train, _ = schemes.make_steps(model, tx, schedule, grad_accum_steps=accum)
     rng = np.random.default_rng(0)
     shape = (devices, per_device, args.image_size, args.image_size, 3)
-    batch = parallel.shard_to_devices(
+    batch = distributed.shard_to_devices(
         {
             "images": rng.integers(0, 256, shape, dtype=np.uint8),
             "labels": rng.integers(0, 1000, (devices, per_device), dtype=np.int32),

@@ -16,10 +16,10 @@ vs_pil (img_per_s / pil_img_per_s), vs_decode (img_per_s / decode_img_per_s),
 and the setup. A TFDS --dataset runs the pipeline only (its
 files are record shards, not JPEGs on disk).
 
-Packed datasets (python -m alexnet_jax.data.pack) join the rounds with --packed_dir:
+Packed datasets (python -m alexnet_jax.commands.pack) join the rounds with --packed_dir:
 
-    python -m alexnet_jax.data.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_raw
-    python -m alexnet_jax.data.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_jpeg --encoding=jpeg
+    python -m alexnet_jax.commands.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_raw
+    python -m alexnet_jax.commands.pack --data_dir=/tmp/jpegs --out=/tmp/jpegs_jpeg --encoding=jpeg
     python bench/input_pipeline.py --data_dir=/tmp/jpegs --packed_dir /tmp/jpegs_raw /tmp/jpegs_jpeg
 
 packed.train_batches is timed as the training loop receives it (whole packed

@@ -145,7 +145,7 @@ def _available_bytes() -> int:
 def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state, host_state):
     import jax
 
-    from alexnet_jax import schemes
+    from alexnet_jax.parallel import schemes
 
     scheme = schemes.make_scheme(name, variant=args.variant, model_axis=model_axis)
     p_train, _ = scheme.make_steps(model, tx, schedule)
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
-    from alexnet_jax import optim, steps
+    from alexnet_jax.model import build
+    from alexnet_jax.step import optim, steps
 
     # the keys the step reads, without ml_collections (GPU hosts have neither it nor TensorFlow)
     config = train_step.bench_config(
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=max(int(b) for b in args.batches.split(",")),
         )
     )
-    model = steps.create_model(config, args.num_classes)
+    model = build.create_model(config, args.num_classes)
     schedule = optim.make_schedule(config, steps_per_epoch=100, total_steps=1000)
     tx = optim.make_optimizer(config, schedule)
     init = jax.jit(lambda rng: steps.init_state(model, tx, rng, args.image_size))

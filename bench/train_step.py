@@ -2,13 +2,13 @@
 
     python bench/train_step.py --model=torchvision --batch_size=32 --image_size=224 --steps=10 --compare_torch
 
-The step is the one training uses: alexnet_jax.train.make_steps over all local
-devices, with the optimizer from alexnet_jax.optim, after compilation. The JAX
+The step is the one training uses: alexnet_jax.training.loop.make_steps over all local
+devices, with the optimizer from alexnet_jax.step.optim, after compilation. The JAX
 and PyTorch timings alternate in rounds inside one process, so both see the same
 machine load; the medians are reported. The last line printed is one JSON object.
 
 --input=demo instead feeds the step from the real input pipeline on the bundled
-demo digits (tf.data + prefetch_to_device, as train.train_and_evaluate does) and
+demo digits (tf.data + prefetch_to_device, as training.loop.train_and_evaluate does) and
 reports the loop's step time next to the synthetic-input step time; that mode
 imports TensorFlow, the default mode never does (GPU machines have none), nor
 ml_collections (alexnet_jax.config is not imported).
@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace) -> types.SimpleNamespace:
-    """The keys optim.make_schedule/make_optimizer and steps.create_model read (no ml_collections)."""
+    """The keys optim.make_schedule/make_optimizer and build.create_model read (no ml_collections)."""
     return types.SimpleNamespace(
         model=args.model,
         init="modern",
@@ -154,7 +154,9 @@ class JaxBench:
         import jax
         import numpy as np
 
-        from alexnet_jax import optim, parallel, schemes, steps
+        from alexnet_jax.model import build
+        from alexnet_jax.parallel import distributed, schemes
+        from alexnet_jax.step import optim, steps
 
         self.jax, self.args = jax, args
         config = bench_config(args)
@@ -163,7 +165,7 @@ class JaxBench:
         if args.batch_size % devices:
             raise SystemExit(f"--batch_size={args.batch_size} must divide by the {devices} local devices")
         self.devices, self.per_device = devices, args.batch_size // devices
-        model = steps.create_model(config, args.num_classes)
+        model = build.create_model(config, args.num_classes)
         schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
         tx = optim.make_optimizer(config, schedule)
         init_rng = jax.random.split(jax.random.key(0))[0]
@@ -182,7 +184,7 @@ class JaxBench:
             host["example_ids"] = np.arange(args.batch_size, dtype=np.int32).reshape((devices, self.per_device))
         else:
             host["color"] = rng.normal(0, 0.01, (devices, self.per_device, 3)).astype(np.float32)
-        self.batch = parallel.shard_to_devices(host)
+        self.batch = distributed.shard_to_devices(host)
         self.input_scale = model.input_scale
         start = time.perf_counter()
         self.run(1)
@@ -356,9 +358,9 @@ def torch_alexnet(nn, variant: str, num_classes: int):
 
 
 def demo_batches(args, devices: int):
-    """Real input, as train.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
-    from alexnet_jax import parallel
+    """Real input, as training.loop.train_and_evaluate builds it: demo digits -> tf.data -> prefetch_to_device."""
     from alexnet_jax.data import pipeline, registry
+    from alexnet_jax.parallel import distributed
 
     source = registry.open_source("demo_digits")
     aug = pipeline.Augmentation(
@@ -368,7 +370,7 @@ def demo_batches(args, devices: int):
         pca_noise_std=0.1,
     )
     dataset = pipeline.train_dataset(source.train, aug, per_process_batch=args.batch_size, seed=0)
-    return parallel.prefetch_to_device(pipeline.device_batches(dataset, devices), 2)
+    return distributed.prefetch_to_device(pipeline.device_batches(dataset, devices), 2)
 
 
 def device_augment_figures(args, host_bench: JaxBench) -> dict:
@@ -403,13 +405,13 @@ def main(argv=None) -> dict:
     applied = configure_xla(args.xla_cpu_flags)
     import jax
 
-    from alexnet_jax import model as model_lib
-    from alexnet_jax import steps
+    from alexnet_jax.model import alexnet as model_lib
+    from alexnet_jax.model import build
 
     impls = args.backward_impl.split(",")
     for impl in impls:
-        if impl not in steps.BACKWARD_IMPL_CHOICES:
-            raise SystemExit(f"--backward_impl={impl} is unknown; use {steps.BACKWARD_IMPL_CHOICES}")
+        if impl not in build.BACKWARD_IMPL_CHOICES:
+            raise SystemExit(f"--backward_impl={impl} is unknown; use {build.BACKWARD_IMPL_CHOICES}")
     jax_benches = {impl: JaxBench(args, impl) for impl in impls}
     jax_bench = jax_benches[impls[0]]
     result = {
@@ -432,7 +434,7 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "compile_s": round(jax_bench.compile_s, 2),
         "backward_impl": args.backward_impl,
-        "backward_impl_resolved": steps.resolve_backward_impl(impls[0]),
+        "backward_impl_resolved": build.resolve_backward_impl(impls[0]),
         "input_scale": jax_bench.input_scale,
         "group_conv": args.group_conv,
         "lrn_precision": args.lrn_precision,

@@ -2,10 +2,12 @@
 
 import atexit
 import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 
@@ -137,7 +139,7 @@ def optional_torch_without_triton():
     """torch's triton (its GPU code generator) segfaults a process that has loaded TensorFlow, when
     torchvision imports it through torch._dynamo; a pytest-xdist worker runs many files, so block it
     here as export.without_triton does in the tool. No test compiles with torch in this process."""
-    from alexnet_jax import export
+    from alexnet_jax.commands import export
 
     export.without_triton()
 
@@ -349,3 +351,115 @@ def pytest_runtest_logreport(report):
     if path and report.skipped and report.when in ("setup", "call"):
         with open(path, "a") as handle:
             handle.write(report.nodeid + "\n")
+
+
+# --- launched demo runs on an image folder, logging every step (fault tolerance, accumulation, profiling) ---
+
+
+def _command(workdir, image_folder, *overrides):
+    return launch_command(
+        workdir,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={image_folder}",
+        "--config.image_size=64",
+        "--config.batch_size=8",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=1000",
+        "--config.schedule=cosine",
+        *overrides,
+    )
+
+
+def _env(devices):
+    return child_env(devices)
+
+
+def _run(workdir, image_folder, *overrides, devices=2, timeout=400):
+    return subprocess.run(
+        _command(workdir, image_folder, *overrides), capture_output=True, text=True, env=_env(devices), timeout=timeout
+    )
+
+
+def _start(workdir, image_folder, *overrides, devices=2):
+    return subprocess.Popen(
+        _command(workdir, image_folder, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(devices),
+    )
+
+
+def _wait_for_line(process, pattern, timeout=300):
+    """Read the child's output until a line matches; returns everything read (fails at the deadline)."""
+    process.reader = getattr(process, "reader", None) or OutputReader(process.stdout)
+    return process.reader.wait_for(pattern, timeout)
+
+
+def _finish(process, timeout=300):
+    """Wait for a child started with _start; returns all of its output."""
+    process.reader = getattr(process, "reader", None) or OutputReader(process.stdout)
+    process.wait(timeout=timeout)
+    return process.reader.rest()
+
+
+def _restore_arrays(workdir, step):
+    """The saved train state as numpy arrays (no target: shapes and dtypes from the checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.tree_util.tree_map(np.asarray, restored["state"])
+
+
+def _train_records(workdir):
+    return [r for r in _read_metrics(str(workdir)) if "train/loss" in r]
+
+
+def _read_metrics(workdir):
+    from alexnet_jax.reporting import metrics
+
+    return metrics.read_metrics(workdir)
+
+
+# --- a miniature ImageNet in the ILSVRC tars' real layout, for the real TFDS imagenet2012 builder ---
+
+SYNSETS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the 1,000
+PER_SYNSET = 4
+NUM_VAL = 7
+
+
+def _jpeg(rng, mode="RGB"):
+    from PIL import Image
+
+    height, width = rng.integers(70, 110, size=2)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_ilsvrc_tars(manual_dir):
+    """ILSVRC2012_img_train.tar (one tar per synset inside) and ILSVRC2012_img_val.tar, as image-net.org ships them."""
+    rng = np.random.default_rng(0)
+    manual_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for synset in SYNSETS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+                for index in range(PER_SYNSET):
+                    # One CMYK JPEG, as the real set has: TFDS re-encodes it (or our decode copes).
+                    mode = "CMYK" if (synset, index) == (SYNSETS[1], 0) else "RGB"
+                    _add(synset_tar, f"{synset}_{index + 1}.JPEG", _jpeg(rng, mode))
+            _add(train_tar, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val_tar:
+        for index in range(1, NUM_VAL + 1):
+            _add(val_tar, f"ILSVRC2012_val_{index:08d}.JPEG", _jpeg(rng))
+    return manual_dir

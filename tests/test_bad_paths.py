@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import child_env, launch_command, mounted_tmpfs
 
-from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax import checkpoint_manifest, convert, evaluate, neighbors, plot, predict
-from alexnet_jax.data import pack, resize
+from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
+from alexnet_jax.checkpointing import manifest
+from alexnet_jax.commands import convert, evaluate, neighbors, pack, plot, predict, resize
 
 # Root passes permission bits by its capabilities; without them it meets them as any user does.
 NO_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
@@ -118,7 +118,7 @@ def test_a_weights_path_that_is_missing_or_a_file_is_one_line(tmp_path, capsys, 
 def test_a_directory_that_is_neither_a_run_nor_converted_weights_is_one_line(tmp_path, capsys):
     path = _converted(tmp_path, None)  # params/ without model.json
     code, err = _tool(capsys, "predict", *_tool_argv("predict", "--checkpoint", path, _image(tmp_path)))
-    _one_line(code, err, "--checkpoint=", "neither a converted checkpoint", "alexnet_jax.convert")
+    _one_line(code, err, "--checkpoint=", "neither a converted checkpoint", "alexnet_jax.commands.convert")
 
 
 def _saved_run(tmp_path, steps=(1, 2)) -> str:
@@ -133,7 +133,7 @@ def _saved_run(tmp_path, steps=(1, 2)) -> str:
 
 
 def _manifest(workdir, step) -> str:
-    return os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR, str(step), checkpoint_manifest.MANIFEST_NAME)
+    return os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR, str(step), manifest.MANIFEST_NAME)
 
 
 def test_tools_read_the_newest_checkpoint_whose_manifest_holds_and_refuse_when_none_does(tmp_path, capsys):
@@ -235,7 +235,7 @@ def test_paths_without_permission_are_one_line_for_launch_and_the_tools(tmp_path
         result = _child(launch_command(locked / "run"), privileged=False)
         _one_line(result.returncode, result.stderr, f"--workdir={locked}/run", "permission denied")
         result = _child(
-            [sys.executable, "-m", "alexnet_jax.predict", f"--workdir={locked}", os.path.abspath(__file__)],
+            [sys.executable, "-m", "alexnet_jax.commands.predict", f"--workdir={locked}", os.path.abspath(__file__)],
             privileged=False,
         )
         _one_line(result.returncode, result.stderr, f"--workdir={locked}", "permission denied")

@@ -45,7 +45,7 @@ def test_bad_values_name_the_key_and_what_to_use(key, value, expected):
 
 
 def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
-    from alexnet_jax import runinfo
+    from alexnet_jax.checkpointing import runinfo
 
     assert runinfo.resize_method({"config": {"resize_method": "bilinear"}}) == "bilinear"
     assert runinfo.resize_method({"config": {"resize_method": "area"}}) == "area"
@@ -55,7 +55,8 @@ def test_runs_are_evaluated_with_the_resize_they_were_trained_with():
 
 
 def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_variant():
-    from alexnet_jax import train, trained
+    from alexnet_jax.checkpointing import trained
+    from alexnet_jax.training import loop
 
     def pretrained(scale):
         return trained.TrainedModel(
@@ -74,17 +75,17 @@ def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_
         )
 
     config = config_lib.base_config()  # paper variant, input_scale "auto"
-    assert train._input_scale(config, None, None) == "raw"
-    assert train._input_scale(config, {"config": {}}, None) == "standardized"  # recorded before the key existed
-    assert train._input_scale(config, {"input_scale": "raw"}, None) == "raw"
-    assert train._input_scale(config, None, pretrained("standardized")) == "standardized"  # converted weights
+    assert loop._input_scale(config, None, None) == "raw"
+    assert loop._input_scale(config, {"config": {}}, None) == "standardized"  # recorded before the key existed
+    assert loop._input_scale(config, {"input_scale": "raw"}, None) == "raw"
+    assert loop._input_scale(config, None, pretrained("standardized")) == "standardized"  # converted weights
     config.input_scale = "raw"
     with pytest.raises(
         UserError, match="was trained with 'standardized' inputs; use --config.input_scale=standardized"
     ):
-        train._input_scale(config, None, pretrained("standardized"))
+        loop._input_scale(config, None, pretrained("standardized"))
     config.model, config.input_scale = "torchvision", "auto"
-    assert train._input_scale(config, None, None) == "standardized"
+    assert loop._input_scale(config, None, None) == "standardized"
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,7 @@ def test_the_benchs_pytorch_paper_network_is_the_papers(tmp_path):
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import train_step
 
-    from alexnet_jax.model import AlexNet
+    from alexnet_jax.model.alexnet import AlexNet
 
     net = AlexNet(variant="paper", num_classes=10, dropout_rate=0.0, init_scheme="modern", input_scale="raw")
     pixels = np.random.default_rng(0).uniform(-120, 130, (2, 67, 67, 3)).astype(np.float32)  # centred raw input

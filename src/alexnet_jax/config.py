@@ -6,13 +6,18 @@ so every key exists in every config and `--config.KEY=VALUE` works for all of th
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
-from alexnet_jax import accelerators, optim, profiling, steps
-from alexnet_jax import model as model_lib
 from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
+from alexnet_jax.model import build
+from alexnet_jax.parallel import accelerators
+from alexnet_jax.step import optim, steps
 
+_PROFILE_STEPS = re.compile(r"(\d+)(?:-(\d+))?")
 HEARTBEAT_MARGIN_S = 10  # JAX's heartbeat must leave the watchdog this long to stop the job first
 
 
@@ -25,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _data_keys(config: ml_collections.ConfigDict) -> None:
     """What is read and how it is cropped."""
-    # A TFDS name, "image_folder", "packed" (made by python -m alexnet_jax.data.pack) or "demo_digits".
+    # A TFDS name, "image_folder", "packed" (made by python -m alexnet_jax.commands.pack) or "demo_digits".
     config.dataset = "imagenet2012"
     config.data_dir = ""  # TFDS data_dir, or the image folder's root; "" = the default
     config.manual_dir = ""  # where the ILSVRC tars lie for imagenet2012; "" = TFDS default
@@ -68,8 +73,8 @@ def _model_keys(config: ml_collections.ConfigDict) -> None:
     # The dropout keys' implementation: "threefry" (JAX's default), "rbg" or "unsafe_rbg";
     # each resumes exactly, but they draw different masks.
     config.prng_impl = "threefry"
-    config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.convert) or a run's workdir
-    # The paper's ablations (python -m alexnet_jax.study); the defaults are the paper's choices.
+    config.init_from = ""  # a converted checkpoint (python -m alexnet_jax.commands.convert) or a run's workdir
+    # The paper's ablations (python -m alexnet_jax.commands.study); the defaults are the paper's choices.
     config.activation = "relu"  # every hidden layer's units: "relu" (section 3.1) or "tanh"
     config.pooling = "overlapping"  # "overlapping" (3x3, stride 2; section 3.4) or "non_overlapping" (2x2, stride 2)
     config.lrn = "auto"  # "auto" (the variant's own: paper on, torchvision none), "on" (paper only) or "off"
@@ -141,9 +146,9 @@ def _choices() -> dict[str, tuple]:
     return {
         "model": model_lib.VARIANTS,
         "init": model_lib.INITS,
-        "dtype": tuple(steps.DTYPES),
-        "input_scale": steps.INPUT_SCALE_CHOICES,
-        "backward_impl": steps.BACKWARD_IMPL_CHOICES,
+        "dtype": tuple(build.DTYPES),
+        "input_scale": build.INPUT_SCALE_CHOICES,
+        "backward_impl": build.BACKWARD_IMPL_CHOICES,
         "group_conv": model_lib.GROUP_CONVS,
         "lrn_precision": model_lib.LRN_PRECISIONS,
         "prng_impl": tuple(steps.PRNG_IMPLS),
@@ -156,7 +161,7 @@ def _choices() -> dict[str, tuple]:
         "eval_crops": EVAL_CROPS,
         "activation": model_lib.ACTIVATIONS,
         "pooling": model_lib.POOLINGS,
-        "lrn": tuple(steps.LRN_CHOICES),
+        "lrn": tuple(build.LRN_CHOICES),
     }
 
 
@@ -174,7 +179,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         raise UserError(
             "config.parallelism='shard_map' runs in a single process; use 'data' (or 'pmap') for multi-process runs"
         )
-    profiling.parse_steps(config.profile_steps)  # a UserError naming the format
+    parse_profile_steps(config.profile_steps)  # a UserError naming the format
     _validate_timeouts(config)
     _validate_mesh(config, device_count, process_count)
     _validate_sizes(config)
@@ -188,7 +193,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
             "config.dataset='image_folder' needs config.data_dir=ROOT holding train/<class>/* and validation/<class>/*"
         )
     if config.dataset == "packed" and not config.data_dir:
-        raise UserError("config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack")
+        raise UserError(
+            "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.commands.pack"
+        )
 
 
 def _validate_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
@@ -285,3 +292,17 @@ def resize_size(config: ml_collections.ConfigDict) -> int:
     if config.resize_size > 0:
         return config.resize_size
     return int(round(config.image_size * 256 / 224))
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """config.profile_steps -> (first, last) updates, counted from 1 as the log counts them; None when "" (off)."""
+    if spec == "":
+        return None
+    match = _PROFILE_STEPS.fullmatch(spec)
+    first, last = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+    if first < 1 or last < first:
+        raise UserError(
+            f"config.profile_steps={spec!r} is not a step range; use 'FIRST-LAST' (e.g. '10-15', steps counted "
+            "from 1), one step ('12'), or '' for no profile"
+        )
+    return first, last

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from alexnet_jax.data.choices import EVAL_CROPS, RESIZE_METHODS
-from alexnet_jax.preprocess import PCA_EIGVAL, PCA_EIGVEC
+from alexnet_jax.data.choices import EVAL_CROPS, PCA_EIGVAL, PCA_EIGVEC, RESIZE_METHODS
 
 
 def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:

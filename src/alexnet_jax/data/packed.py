@@ -64,7 +64,7 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise UserError(
             f"{root} is not a packed dataset (no {MANIFEST}); write one with "
-            f"python -m alexnet_jax.data.pack --data_dir=SOURCE --out={root}"
+            f"python -m alexnet_jax.commands.pack --data_dir=SOURCE --out={root}"
         )
     try:
         manifest = json.loads(path.read_text())
@@ -106,7 +106,7 @@ class PackedSplit(sources.Split):
             expected = shard["count"] * self.record_bytes if self.encoding == "raw" else shard["bytes"]
             if not path.is_file() or path.stat().st_size != expected:
                 raise UserError(
-                    f"{path} is missing or has the wrong size; run python -m alexnet_jax.data.pack --check "
+                    f"{path} is missing or has the wrong size; run python -m alexnet_jax.commands.pack --check "
                     f"--data_dir={root}, and pack again"
                 )
         self._maps: dict[int, np.ndarray] = {}
@@ -229,7 +229,7 @@ class PackedSource(sources.Source):
 
 
 def open_packed(directory: str) -> PackedSource:
-    """A pack written by python -m alexnet_jax.data.pack; cheap (no checksums: pack --check does those)."""
+    """A pack written by python -m alexnet_jax.commands.pack; cheap (no checksums: pack --check does those)."""
     root = Path(directory).expanduser().resolve()
     manifest = read_manifest(root)
     if manifest["encoding"] not in ENCODINGS or set(manifest["splits"]) != set(SPLITS):

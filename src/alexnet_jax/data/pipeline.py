@@ -169,7 +169,7 @@ def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
         except tf.errors.InvalidArgumentError as error:
             raise UserError(
                 f"an image failed to decode ({error.message.splitlines()[0]}); find it with "
-                "python -m alexnet_jax.data.resize --check --data_dir=ROOT, then replace or delete it"
+                "python -m alexnet_jax.commands.resize --check --data_dir=ROOT, then replace or delete it"
             ) from None
         yield batch
 

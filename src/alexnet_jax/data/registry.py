@@ -59,7 +59,7 @@ def open_source(
     if dataset == "packed":
         if not data_dir:
             raise UserError(
-                "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.data.pack"
+                "config.dataset='packed' needs config.data_dir=DIR, made by python -m alexnet_jax.commands.pack"
             )
         return _evaluating(packed.open_packed(data_dir), eval_split)
     if dataset == "demo_digits":

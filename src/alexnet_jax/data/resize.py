@@ -1,9 +1,5 @@
 """Write a pre-resized copy of a dataset once, so that every epoch decodes smaller JPEGs.
 
-    python -m alexnet_jax.data.resize --data_dir=SRC --out=DST [--size=256] [--dataset=image_folder]
-    python -m alexnet_jax.data.resize --dataset=imagenet2012 --data_dir=TFDS_DIR --out=DST
-    python -m alexnet_jax.data.resize --check --data_dir=SRC     # decode every file, list the ones that fail
-
 The copy is an image folder (DST/train/<class>/*, DST/validation/<class>/*) whose
 images have their shorter side resized to --size (the paper's 256) with an
 antialiasing filter and saved as JPEG quality 95; images already no larger are
@@ -11,12 +7,10 @@ copied byte for byte. It is written into a staging directory next to DST and
 renamed when complete, so DST is either absent or whole; SRC is only read.
 Train with --config.dataset=image_folder --config.data_dir=DST (and the same
 image_size/resize_size as before: the pipeline's crop is relative to the
-shorter side, so it sees the same windows).
-"""
+shorter side, so it sees the same windows)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -28,7 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from alexnet_jax import cli, paths
 from alexnet_jax.errors import UserError
 
 log = logging.getLogger("alexnet_jax.data")
@@ -142,39 +135,3 @@ def check_decodes(data_dir: str, *, threads: int | None = None) -> list[tuple[st
     with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
         errors = list(pool.map(sources.decode_error, paths))
     return [(path, error) for path, error in zip(paths, errors) if error is not None]
-
-
-@cli.command
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.data.resize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", required=True, help="the image folder's root, or the TFDS data_dir")
-    parser.add_argument("--out", default="", help="where the copy goes (must not exist)")
-    parser.add_argument("--size", type=int, default=256, help="shorter side of the copy")
-    parser.add_argument("--dataset", default="image_folder", help="image_folder or a prepared TFDS dataset")
-    parser.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core")
-    parser.add_argument("--skip_bad_images", action="store_true", help="leave unreadable images out of the copy")
-    parser.add_argument("--check", action="store_true", help="only decode every file and list those that fail")
-    args = parser.parse_args(argv)
-    if args.check:
-        bad = check_decodes(args.data_dir)
-        for path, error in bad:
-            print(f"{path}: {error}")
-        print(f"{len(bad)} file(s) fail to decode")
-        return 1 if bad else 0
-    if not args.out:
-        raise UserError("pass --out=DST, a new directory for the resized copy")
-    paths.writable_directory(os.path.dirname(os.path.abspath(args.out)), flag="--out's directory")
-    record = write_resized(
-        args.data_dir,
-        args.out,
-        size=args.size,
-        dataset=args.dataset,
-        workers=args.workers or None,
-        skip_bad_images=args.skip_bad_images,
-    )
-    print(f"wrote {record['images']} images to {args.out} in {record['seconds']} s ({record['skipped']} skipped)")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)
