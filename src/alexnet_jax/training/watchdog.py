@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 EXIT_LOST = 75  # EX_TEMPFAIL: a temporary failure; run the same command again
 PREFIX = "alexnet_jax/watchdog"
-ACK_WAIT_S = 5.0  # process 0 keeps the store up this long for the others to read the news
 
 
 @dataclasses.dataclass
@@ -54,12 +53,15 @@ class PeerClock:
                 self.counters[process] = counter
                 self.moved[process] = now
 
+    def quiet(self, peer: int, now: float) -> float:
+        """Seconds since the peer's counter last moved (since the start if never heard)."""
+        return now - self.moved.get(peer, self.started)
+
     def silent(self, peers: list[int], now: float, timeout: float) -> tuple[int, float] | None:
-        """(peer, seconds) of a peer silent for longer than `timeout` (since the start if never heard)."""
+        """(peer, seconds) of a peer silent for longer than `timeout`."""
         for peer in peers:
-            quiet = now - self.moved.get(peer, self.started)
-            if quiet > timeout:
-                return peer, quiet
+            if self.quiet(peer, now) > timeout:
+                return peer, self.quiet(peer, now)
         return None
 
 
@@ -269,8 +271,7 @@ class Watchdog:
         """Peers that have neither finished, nor left, nor gone silent."""
         now = self.clock()
         with self._lock:
-            moved = self._peers.moved
-            return [p for p in self._peers_left() if now - moved.get(p, self._peers.started) < self.peer_timeout_s]
+            return [p for p in self._peers_left() if self._peers.quiet(p, now) < self.peer_timeout_s]
 
 
 def _from_a_collective(error: BaseException) -> bool:
