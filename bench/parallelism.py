@@ -100,7 +100,9 @@ def _layer_sizes(params) -> dict[str, int]:
     return {layer: sum(int(np.prod(v.shape)) for v in leaves.values()) for layer, leaves in params.items()}
 
 
-def analytic_bytes(name: str, data: int, model: int, batch: int, sizes: dict[str, int], num_classes: int, side: int):
+def analytic_bytes(
+    name: str, data: int, model: int, batch: int, sizes: dict[str, int], num_classes: int, side: int, units: int = 4096
+):
     """The README's formula: gradient all-reduces plus the model axis's activation gathers and their transposes."""
 
     def ring(group, count):  # all-reduce of `count` floats on a group
@@ -117,10 +119,10 @@ def analytic_bytes(name: str, data: int, model: int, batch: int, sizes: dict[str
         return ring(devices, conv + fc67 + sizes["fc8"])
     if name == "towers":
         maps3 = examples * side * side * 256  # pool2 of both towers: conv3's input
-        activations = join(model, maps3) + join(model, examples * 9216) + 2 * join(model, examples * 4096)
+        activations = join(model, maps3) + join(model, examples * 9216) + 2 * join(model, examples * units)
         return ring(data, (conv + fc67) / model) + ring(devices, sizes["fc8"]) + activations
     if name == "weird_trick":
-        activations = join(model, examples * 9216) + 2 * join(model, examples * 4096)
+        activations = join(model, examples * 9216) + 2 * join(model, examples * units)
         activations += join(model, examples * num_classes)
         return ring(devices, conv) + ring(data, (fc67 + sizes["fc8"]) / model) + activations
     raise ValueError(name)
@@ -176,6 +178,7 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         _layer_sizes(abstract_state.params),
         args.num_classes,
         _pool2_side(args.image_size),
+        args.hidden_units,
     )
     memory = compiled.memory_analysis()
     need = (
@@ -215,6 +218,7 @@ def run_case(name, model_axis, batch, args, model, tx, schedule, abstract_state,
         "mesh": f"{args.devices}" if name == "data" else f"{data_size}x{model_axis}",
         "variant": args.variant,
         "global_batch": batch,
+        "hidden_units": args.hidden_units,
         "image_size": args.image_size,
         "param_bytes_per_device": param_bytes,
         "collective_bytes_per_device": {kind: round(value) for kind, value in sent.items()},
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="paper", choices=("paper", "torchvision"))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--hidden_units", type=int, default=4096, help="fc6/fc7 units (the paper's: 4096)")
     parser.add_argument("--time_steps", type=int, default=0, help="timed steps per case (0: compile only)")
     parser.add_argument("--schemes", default="", help="e.g. data:1,weird_trick:8 (default: all four)")
     args = parser.parse_args(argv)
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=max(int(b) for b in args.batches.split(",")),
         )
     )
+    config.hidden_units = args.hidden_units
     model = build.create_model(config, args.num_classes)
     schedule = optim.make_schedule(config, steps_per_epoch=100, total_steps=1000)
     tx = optim.make_optimizer(config, schedule)

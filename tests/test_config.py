@@ -34,6 +34,7 @@ def test_the_shipped_recipes_validate(name):
         ("step_timeout_s", 0, "must be positive (seconds)"),
         # JAX's heartbeat abort (a C++ dump) must not beat the watchdog's one line
         ("heartbeat_timeout_s", 65, "must exceed config.peer_timeout_s=60 by at least 10 s"),
+        ("hidden_units", 0, "must be a positive number of units"),
     ],
 )
 def test_bad_values_name_the_key_and_what_to_use(key, value, expected):
@@ -98,6 +99,8 @@ def test_input_scale_auto_follows_a_resumed_run_then_init_from_weights_then_the_
         ({"parallelism": "weird_trick", "model_axis": 8, "num_classes": 100}, 8, 1, "fc8 is split by classes"),
         ({"parallelism": "data", "batch_size": 12}, 8, 1, "config.batch_size=12 is not divisible by the 8"),
         ({"parallelism": "shard_map"}, 8, 2, "use 'data' (or 'pmap')"),
+        ({"parallelism": "towers", "hidden_units": 255}, 8, 1, "the towers split fc6/fc7's units in two"),
+        ({"parallelism": "weird_trick", "model_axis": 8, "hidden_units": 260}, 8, 1, "fc6/fc7's 260 units"),
     ],
 )
 def test_mesh_settings_are_refused_before_anything_compiles(settings, devices, processes, expected):

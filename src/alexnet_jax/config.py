@@ -78,6 +78,9 @@ def _model_keys(config: ml_collections.ConfigDict) -> None:
     config.activation = "relu"  # every hidden layer's units: "relu" (section 3.1) or "tanh"
     config.pooling = "overlapping"  # "overlapping" (3x3, stride 2; section 3.4) or "non_overlapping" (2x2, stride 2)
     config.lrn = "auto"  # "auto" (the variant's own: paper on, torchvision none), "on" (paper only) or "off"
+    # fc6's and fc7's units: 4096 in the paper and torchvision; narrower for small data (a run's
+    # checkpoints, exports and init_from follow it; torchvision's own AlexNet has 4096 only).
+    config.hidden_units = 4096
     config.random_crop = True  # training crops at random places (section 4.1); False = the centre crop
 
 
@@ -186,6 +189,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     _validate_counts(config, device_count)
     if config.lrn == "on" and config.model != "paper":
         raise UserError(f"config.lrn='on': the {config.model} variant has no LRN; use 'auto' or 'off'")
+    if config.hidden_units < 1:
+        raise UserError(
+            f"config.hidden_units={config.hidden_units} must be a positive number of units (the paper's: 4096)"
+        )
     if not 0.0 <= config.dropout_rate < 1.0:
         raise UserError(f"config.dropout_rate={config.dropout_rate} must lie in [0, 1)")
     if config.dataset == "image_folder" and not config.data_dir:
@@ -217,9 +224,15 @@ def _validate_mesh(config: ml_collections.ConfigDict, device_count: int, process
             f"config.model_axis={size} is more than one process's {device_count // process_count} devices: a "
             "tower pair must share a host; use parallelism='weird_trick' or more devices per process"
         )
-    if scheme == "weird_trick" and (4096 % size or (config.num_classes > 0 and config.num_classes % size)):
+    if scheme == "towers" and config.hidden_units % size:
         raise UserError(
-            f"config.model_axis={size} must divide fc6/fc7's 4096 units and the {config.num_classes} classes "
+            f"config.hidden_units={config.hidden_units}: the towers split fc6/fc7's units in two; use an even number"
+        )
+    classes_split = config.num_classes > 0 and config.num_classes % size
+    if scheme == "weird_trick" and (config.hidden_units % size or classes_split):
+        raise UserError(
+            f"config.model_axis={size} must divide fc6/fc7's {config.hidden_units} units and the {config.num_classes} "
+            "classes "
             "(fc8 is split by classes); use a power of two that divides both"
         )
 

@@ -25,13 +25,13 @@ from alexnet_jax.step import steps
 NEEDS_EXPORT_EXTRA = f"needs the export extra: {export.INSTALL}"
 
 
-def _params(variant, num_classes, seed):
+def _params(variant, num_classes, seed, hidden_units=4096):
     """He-normal weights (fan-in) and biases from U(-0.1, 0.1), as host arrays: every layer and bias matters.
 
     Drawn with numpy from the layer shapes (no compiled init: XLA took minutes over it on a busy 2-core host).
     """
     rng = np.random.default_rng(seed)
-    shapes = convert.expected_shapes(variant, num_classes)
+    shapes = convert.expected_shapes(variant, num_classes, hidden_units=hidden_units)
     params = {}
     for layer, shape in shapes.items():
         kernel = rng.standard_normal(shape["kernel"], dtype=np.float32)
@@ -40,12 +40,13 @@ def _params(variant, num_classes, seed):
     return params
 
 
-def _workdir(root, *, variant, num_classes, image_size, resize_size, input_scale, resize_method):
+def _workdir(root, *, variant, num_classes, image_size, resize_size, input_scale, resize_method, hidden_units=4096):
     config = base_config()
+    config.hidden_units = hidden_units
     config.dataset, config.data_dir = "image_folder", "/nonexistent/photos"
     config.model, config.image_size, config.input_scale = variant, image_size, input_scale
     config.resize_size, config.resize_method = resize_size, resize_method
-    params = _params(variant, num_classes, seed=image_size)
+    params = _params(variant, num_classes, seed=image_size, hidden_units=hidden_units)
     state = steps.TrainState(step=np.zeros((), np.int32), params=params, opt_state=optax.sgd(0.01).init(params))
     saver = checkpoint.Checkpointer(str(root))
     saver.save(7, state, {"model": variant, "num_classes": num_classes, "optimizer": "sgd"})
@@ -233,6 +234,27 @@ def test_refusals_are_one_line(paper_run, converted, tmp_path, capsys, monkeypat
         # torchvision is imported after torch: where torch itself is absent (no extras), torch is what it needs
         named = module if module != "torchvision" or importlib.util.find_spec("torch") else "torch"
         assert f"needs {named}" in err and export.INSTALL in err
+
+
+def test_a_narrower_run_loads_at_its_width_and_torchvision_is_refused(tmp_path, capsys):
+    path = _workdir(
+        tmp_path / "narrow",
+        variant="torchvision",
+        num_classes=3,
+        image_size=99,
+        resize_size=113,
+        input_scale="raw",
+        resize_method="area",
+        hidden_units=64,
+    )
+    model = trained.load(path)
+    assert model.architecture["hidden_units"] == 64 and model.params["fc7"]["kernel"].shape == (64, 64)
+    logits = model.module().apply({"params": model.params}, photographs(model), train=False)
+    assert logits.shape == (4, 3) and np.all(np.isfinite(logits))
+    pth = tmp_path / "narrow.pth"
+    assert export.main([f"--workdir={path}", "--to=torchvision", f"--out={pth}"]) == 2
+    err = capsys.readouterr().err
+    assert "config.hidden_units=64" in err and "--to=onnx" in err and err.count("\n") == 1 and not pth.exists()
 
 
 def test_the_command_line_refuses_in_one_line(paper_run, tmp_path):

@@ -116,6 +116,21 @@ def test_flops_match_torchvision_reference():
     assert model_lib.train_flops_per_image("torchvision", 224) / 6 == pytest.approx(0.714e9, rel=0.01)
 
 
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+def test_hidden_units_set_fc6_and_fc7_alone(variant):
+    wide, narrow = _params(variant, num_classes=10), _params(variant, num_classes=10, hidden_units=256)
+    assert narrow["fc6"]["kernel"].shape == (9216, 256) and narrow["fc7"]["kernel"].shape == (256, 256)
+    assert narrow["fc8"]["kernel"].shape == (256, 10) and narrow["fc7"]["bias"].shape == (256,)
+    for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        assert narrow[layer]["kernel"].shape == wide[layer]["kernel"].shape
+    # The FLOP count follows the width: the dense layers' multiply-adds, x6 for training.
+    dense = lambda units: 9216 * units + units * units + units * 10  # noqa: E731
+    difference = model_lib.train_flops_per_image(variant, 224, 10) - model_lib.train_flops_per_image(
+        variant, 224, 10, hidden_units=256
+    )
+    assert difference == 6 * (dense(4096) - dense(256))
+
+
 def test_lrn_stays_within_each_tower():
     """The paper's GPUs normalised their own maps: with groups=2 each half is normalised alone."""
     a = np.random.default_rng(3).uniform(0, 30, size=(2, 3, 3, 12)).astype(np.float32)

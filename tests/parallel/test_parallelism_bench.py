@@ -6,12 +6,24 @@ its own formula, and the towers must hold about half of data parallelism's state
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import pytest
 from conftest import REPO, env_without
 
+from alexnet_jax.model import alexnet as model_lib
+
+PARAMS = jax.eval_shape(
+    lambda: model_lib.AlexNet(num_classes=8, hidden_units=512).init(
+        jax.random.key(0), jnp.zeros((1, 67, 67, 3)), train=False
+    )["params"]
+)
+CONV, DENSE = ("conv1", "conv2", "conv3", "conv4", "conv5"), ("fc6", "fc7", "fc8")
 SCHEMES = {("data", "8"), ("towers", "4x2"), ("weird_trick", "4x2"), ("weird_trick", "1x8")}
 
 
@@ -30,9 +42,11 @@ def _bench(tmp_path, *args):
 
 
 def test_every_scheme_meets_its_formula_and_the_towers_hold_half_the_state(tmp_path):
-    rows = _bench(tmp_path, "--batches=16", "--image_size=67", "--num_classes=8", "--time_steps=1")
+    rows = _bench(
+        tmp_path, "--batches=16", "--image_size=67", "--num_classes=8", "--hidden_units=512", "--time_steps=1"
+    )
     assert {(row["scheme"], row["mesh"]) for row in rows} == SCHEMES
-    assert {row["global_batch"] for row in rows} == {16}
+    assert {row["global_batch"] for row in rows} == {16} and {row["hidden_units"] for row in rows} == {512}
     for row in rows:
         case = (row["scheme"], row["mesh"])
         assert 0.9 <= row["measured_over_analytic"] <= 1.1, (case, row)
@@ -45,4 +59,11 @@ def test_every_scheme_meets_its_formula_and_the_towers_hold_half_the_state(tmp_p
             assert kinds["all-gather"] > 0 and kinds["reduce-scatter"] > 0, case
     by = {(row["scheme"], row["mesh"]): row for row in rows}
     assert by[("towers", "4x2")]["param_ratio_to_data"] <= 0.55
-    assert by[("weird_trick", "1x8")]["param_ratio_to_data"] <= 0.2
+    # the weird trick keeps the convolutions whole on every device and an eighth of fc6-fc8 (0.40 at 512 units;
+    # at the paper's 4096, where fc6-fc8 are 96% of the parameters, 0.16)
+    conv, dense = (
+        sum(math.prod(p.shape) for g in group for p in jax.tree_util.tree_leaves(PARAMS[g])) for group in (CONV, DENSE)
+    )
+    assert by[("weird_trick", "1x8")]["param_ratio_to_data"] == pytest.approx(
+        (conv + dense / 8) / (conv + dense), abs=0.01
+    )

@@ -23,6 +23,9 @@ from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # small, and not a multiple of conv1's stride
 NUM_CLASSES = 8  # fc8 splits by classes over a model axis of 8
+# fc6/fc7 of 512 units, not 4096: every layer splits as at the paper's width (8 | 512), at an eighth of the
+# memory and time; test_at_the_papers_width_each_device_holds_its_share pins the 4096-unit layout.
+HIDDEN = 512
 GLOBAL_BATCH = 16
 CASES = [("data", 1), ("towers", 2), ("weird_trick", 2), ("weird_trick", 8)]
 # Both variants wherever they apply: towers are the paper's alone (config.validate refuses the rest).
@@ -35,6 +38,7 @@ class Setup:
     def __init__(self, variant, dropout_rate=0.0):
         config = config_lib.base_config()
         config.model, config.dropout_rate, config.init = variant, dropout_rate, "modern"
+        config.hidden_units = HIDDEN
         config.input_scale = "standardized"
         self.model = build.create_model(config, NUM_CLASSES)
         self.schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
@@ -104,22 +108,33 @@ def pmap_updates(setups):
     return update
 
 
-# The shards one device holds (params and momentum alike), per scheme and mesh, paper variant.
-PINNED = {
-    ("data", 1): {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "fc6": (9216, 4096), "fc8": (4096, 8)},
-    ("towers", 2): {
-        "conv1": (11, 11, 3, 48),
-        "conv2": (5, 5, 48, 128),  # one tower: its own 48 input maps, 128 of the 256 kernels
-        "conv3": (3, 3, 256, 192),  # sees both towers' maps
-        "conv4": (3, 3, 192, 192),
-        "conv5": (3, 3, 192, 128),
-        "fc6": (9216, 2048),
-        "fc7": (4096, 2048),
-        "fc8": (4096, 8),  # whole on both towers
-    },
-    ("weird_trick", 2): {"conv2": (5, 5, 48, 256), "fc6": (9216, 2048), "fc7": (4096, 2048), "fc8": (4096, 4)},
-    ("weird_trick", 8): {"conv5": (3, 3, 192, 256), "fc6": (9216, 512), "fc7": (4096, 512), "fc8": (4096, 1)},
-}
+def pinned(units):
+    """The shards one device holds (params and momentum alike), per scheme and mesh: the paper's net, `units` wide."""
+    return {
+        ("data", 1): {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "fc6": (9216, units), "fc8": (units, 8)},
+        ("towers", 2): {
+            "conv1": (11, 11, 3, 48),
+            "conv2": (5, 5, 48, 128),  # one tower: its own 48 input maps, 128 of the 256 kernels
+            "conv3": (3, 3, 256, 192),  # sees both towers' maps
+            "conv4": (3, 3, 192, 192),
+            "conv5": (3, 3, 192, 128),
+            "fc6": (9216, units // 2),
+            "fc7": (units, units // 2),
+            "fc8": (units, 8),  # whole on both towers
+        },
+        ("weird_trick", 2): {
+            "conv2": (5, 5, 48, 256),
+            "fc6": (9216, units // 2),
+            "fc7": (units, units // 2),
+            "fc8": (units, 4),
+        },
+        ("weird_trick", 8): {
+            "conv5": (3, 3, 192, 256),
+            "fc6": (9216, units // 8),
+            "fc7": (units, units // 8),
+            "fc8": (units, 1),
+        },
+    }
 
 
 def _shard_shapes(state, layer):
@@ -139,7 +154,7 @@ def test_one_step_under_each_scheme_is_pmaps_update(setups, pmap_updates, varian
     setup = _setup(setups, variant)
     new_state, metrics = setup.run(name, model_axis, _batch())
     if variant == "paper":  # what each device holds
-        for layer, shape in PINNED[(name, model_axis)].items():
+        for layer, shape in pinned(HIDDEN)[(name, model_axis)].items():
             assert _shard_shapes(new_state, layer) == ({shape}, {shape}), layer
     expected_state, expected_metrics = pmap_updates(variant)
     new_state, metrics = jax.device_get((new_state, metrics))
@@ -153,6 +168,27 @@ def test_one_step_under_each_scheme_is_pmaps_update(setups, pmap_updates, varian
     assert_trees_close(new_state.opt_state, expected_state.opt_state, rtol=1e-4, atol=1e-5)  # momentum
     for key in ("loss", "top1_acc", "top5_acc", "grad_norm", "learning_rate"):
         np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name, model_axis", CASES)
+def test_at_the_papers_width_each_device_holds_its_share(name, model_axis):
+    """The paper's own network (4096 units), laid out without being allocated: each device's shard shapes."""
+    config = config_lib.base_config()
+    model = build.create_model(config, NUM_CLASSES)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, steps_per_epoch=10, total_steps=100))
+    state = jax.eval_shape(lambda: steps.init_state(model, tx, jax.random.key(0), IMAGE_SIZE))
+    shardings = schemes.make_scheme(name, variant="paper", model_axis=model_axis).state_shardings(state)
+    for layer, shape in pinned(4096)[(name, model_axis)].items():
+        kernel = state.params[layer]["kernel"]
+        assert shardings.params[layer]["kernel"].shard_shape(kernel.shape) == shape, layer
+        momentum = [
+            sharding.shard_shape(leaf.shape)
+            for (path, leaf), sharding in zip(
+                jax.tree_util.tree_flatten_with_path(state.opt_state)[0], jax.tree_util.tree_leaves(shardings.opt_state)
+            )
+            if layer in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)
+        ]
+        assert momentum == [shape], layer
 
 
 def test_the_batch_is_split_over_the_example_axes_only(setups):
@@ -229,7 +265,7 @@ def test_checkpoints_move_between_schemes_resume_exactly_and_eval_counts_each_ex
     # restored onto another scheme's shardings, the same logical arrays
     target = weird.restore_target(jax.tree_util.tree_map(np.zeros_like, logical))
     on_weird = checkpointer.restore(1, target)
-    assert _shard_shapes(on_weird, "fc6") == ({(9216, 512)}, {(9216, 512)})
+    assert _shard_shapes(on_weird, "fc6") == ({(9216, HIDDEN // 8)}, {(9216, HIDDEN // 8)})
     assert_trees_equal(jax.device_get(on_weird), logical)
     on_pmap = checkpointer.restore(1, schemes.PmapScheme().restore_target(jax.device_put(logical)))
     assert_trees_equal(jax.device_get(on_pmap), logical)

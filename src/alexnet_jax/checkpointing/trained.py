@@ -40,7 +40,7 @@ class TrainedModel:
     eval_crops: int  # the run's config.eval_crops (1 where unknown)
     step: int | None  # the checkpoint's step (None for converted weights)
     run_info: dict[str, Any] | None  # WORKDIR/config.json; None for converted weights
-    # build.architecture of the recorded config: activation, pooling, LRN and dropout as trained.
+    # build.architecture of the recorded config: activation, pooling, LRN, dropout and fc width as trained.
     architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: build.architecture({}))
 
     def module(self, backward_impl: str = "lax") -> model_lib.AlexNet:

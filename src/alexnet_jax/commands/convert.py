@@ -37,9 +37,11 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def expected_shapes(variant: str, num_classes: int, image_size: int = 224) -> dict[str, dict[str, tuple]]:
+def expected_shapes(
+    variant: str, num_classes: int, image_size: int = 224, hidden_units: int = model_lib.HIDDEN_UNITS
+) -> dict[str, dict[str, tuple]]:
     """{layer: {"kernel": shape, "bias": shape}} of AlexNet(variant, num_classes), without allocating it."""
-    module = model_lib.AlexNet(variant=variant, num_classes=num_classes)
+    module = model_lib.AlexNet(variant=variant, num_classes=num_classes, hidden_units=hidden_units)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
     return jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), abstract["params"])

@@ -41,6 +41,7 @@ from alexnet_jax import cli
 from alexnet_jax.checkpointing import checkpoint, runinfo, trained
 from alexnet_jax.commands import convert
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import alexnet as model_lib
 from alexnet_jax.model import preprocess
 
 INSTALL = "pip install -r requirements-extras.txt"
@@ -301,6 +302,19 @@ def check_out(out: str, target: str) -> str:
     return out
 
 
+def _refuse_other_widths(path: str) -> None:
+    """torchvision's AlexNet has 4096 units in fc6 and fc7; a run trained with other config.hidden_units cannot load."""
+    if not checkpoint.is_workdir(path):
+        return  # a converted checkpoint came from torchvision's own widths
+    recorded = ((runinfo.read_run_info(path) or {}).get("config") or {}).get("hidden_units", model_lib.HIDDEN_UNITS)
+    if recorded != model_lib.HIDDEN_UNITS:
+        raise UserError(
+            f"{path} was trained with config.hidden_units={recorded}; torchvision's AlexNet has "
+            f"{model_lib.HIDDEN_UNITS} (fc6, fc7), so its state dict cannot hold these weights; "
+            "export it with --to=onnx"
+        )
+
+
 def recorded_variant(path: str) -> str | None:
     """The variant a workdir's config.json or a converted checkpoint's model.json names, without loading params."""
     if checkpoint.is_converted(path):
@@ -325,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     out = check_out(args.out, args.to)
     if args.to == "torchvision":  # refused before the weights are read
         _refuse_paper(recorded_variant(path))
+        _refuse_other_widths(path)
         _require("torch", "--to=torchvision")
         _require("torchvision", "checking the exported state dict")
     else:

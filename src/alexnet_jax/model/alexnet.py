@@ -47,11 +47,13 @@ LRN_PRECISION_RTOL = {"highest": 1e-5, "high": 4e-4, "default": 3e-3}
 ACTIVATIONS = ("relu", "tanh")
 POOLINGS = ("overlapping", "non_overlapping")  # 3x3 windows, stride 2 | 2x2 windows, stride 2
 
-# Layer widths: conv1..conv5 then the two hidden fully connected layers.
+# Layer widths: conv1..conv5 then the two hidden fully connected layers (AlexNet.hidden_units
+# overrides the last two; the paper's and torchvision's are HIDDEN_UNITS).
 _WIDTHS = {
     "paper": (96, 256, 384, 384, 256, 4096, 4096),
     "torchvision": (64, 192, 384, 256, 256, 4096, 4096),
 }
+HIDDEN_UNITS = 4096
 # The paper splits conv2, conv4 and conv5 across its two GPUs ("towers"); a
 # feature group count of 2 reproduces that connectivity exactly.
 _GROUPS = {
@@ -311,6 +313,8 @@ class AlexNet(nn.Module):
     activation, pooling, lrn: the paper's ablations (ACTIVATIONS, POOLINGS; lrn None =
       the variant's own: after conv1 and conv2 for the paper, none for torchvision).
       None of them changes a parameter's shape.
+    hidden_units: fc6's and fc7's width (HIDDEN_UNITS, 4096, in the paper and torchvision);
+      narrower networks for small data and for tests whose subject is not the width.
     layout: the share of each layer this device holds (Layout); the default is all of it.
     """
 
@@ -326,6 +330,7 @@ class AlexNet(nn.Module):
     activation: str = "relu"
     pooling: str = "overlapping"
     lrn: bool | None = None
+    hidden_units: int = HIDDEN_UNITS
     layout: Layout = Layout()
 
     def _check(self, images: jax.Array) -> None:
@@ -341,6 +346,8 @@ class AlexNet(nn.Module):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.hidden_units < 1 or self.hidden_units % self.layout.fc_shards:
+            raise ValueError(f"hidden_units={self.hidden_units} must be a positive multiple of {self.layout.fc_shards}")
         if self.lrn and self.variant != "paper":
             raise ValueError(f"the {self.variant} variant has no LRN; use lrn=None or False")
         if self.layout.towers not in {1, TOWERS[self.variant]} or self.layout.fc_input not in FC_INPUTS:
@@ -363,7 +370,7 @@ class AlexNet(nn.Module):
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))  # [N, C5*36]
         layout = self.layout
         join_dim = 0 if layout.fc_input == "batch" else 1  # what fc6's input is split by
-        for name, width in (("fc6", _WIDTHS[self.variant][5]), ("fc7", _WIDTHS[self.variant][6])):
+        for name, width in (("fc6", self.hidden_units), ("fc7", self.hidden_units)):
             if paper:  # fc -> ReLU -> dropout (the paper; Caffe's fc6, relu6, drop6)
                 x = self._join_fc(x, join_dim)
                 x = self._act(self._dense(width // layout.fc_shards, name)(x))
@@ -373,7 +380,7 @@ class AlexNet(nn.Module):
                 x = self._join_fc(x, join_dim)
                 x = self._act(self._dense(width // layout.fc_shards, name)(x))
             join_dim = 1  # fc7's and fc8's inputs are split by units
-        x = self._join_fc(x, 1)  # [N', 4096]
+        x = self._join_fc(x, 1)  # [N', hidden_units]
         split = layout.fc_shards if layout.split_classes else 1
         logits = self._dense(self.num_classes // split, "fc8")(x)
         if split > 1:
@@ -449,7 +456,9 @@ def count_params(params: Any) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def train_flops_per_image(variant: str, image_size: int, num_classes: int = 1000) -> float:
+def train_flops_per_image(
+    variant: str, image_size: int, num_classes: int = 1000, hidden_units: int = HIDDEN_UNITS
+) -> float:
     """Analytic training FLOPs per image: 3x the forward multiply-adds, times 2.
 
     Counts convolutions and dense layers (the LRN, pooling and ReLUs are noise).
@@ -464,7 +473,7 @@ def train_flops_per_image(variant: str, image_size: int, num_classes: int = 1000
         if index in (0, 1, 4):
             side = pooled_side(side)
     features = channels * POOLED_SIZE * POOLED_SIZE
-    for width in (widths[5], widths[6], num_classes):
+    for width in (hidden_units, hidden_units, num_classes):
         macs += features * width
         features = width
     return 2.0 * 3.0 * macs

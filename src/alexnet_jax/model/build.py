@@ -22,10 +22,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 BACKWARD_IMPL_CHOICES = ("auto", *model_lib.BACKWARD_IMPLS)
 INPUT_SCALE_CHOICES = ("auto", *preprocess.INPUT_SCALES)
 # The paper's ablations (issue 24): config keys that shape the network without changing a
-# parameter's shape, with the values runs recorded before the keys existed were trained with.
+# parameter's shape, and fc6/fc7's width (which does), with the values runs recorded before
+# the keys existed were trained with.
 # config.lrn: "auto" = the variant's own (after conv1 and conv2 for the paper, none for torchvision).
 LRN_CHOICES = {"auto": None, "on": True, "off": False}
-ARCHITECTURE_DEFAULTS = {"activation": "relu", "pooling": "overlapping", "lrn": "auto", "dropout_rate": 0.5}
+ARCHITECTURE_DEFAULTS = {
+    "activation": "relu",
+    "pooling": "overlapping",
+    "lrn": "auto",
+    "dropout_rate": 0.5,
+    "hidden_units": model_lib.HIDDEN_UNITS,
+}
 
 
 def resolve_backward_impl(choice: str, backend: str | None = None) -> str:
@@ -55,6 +62,7 @@ def architecture(settings: Any) -> dict[str, Any]:
         "pooling": str(values["pooling"]),
         "lrn": LRN_CHOICES[values["lrn"]],
         "dropout_rate": float(values["dropout_rate"]),
+        "hidden_units": int(values["hidden_units"]),
     }
 
 
