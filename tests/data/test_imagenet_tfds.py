@@ -48,6 +48,7 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
         f"--config.data_dir={data_dir}",
         f"--config.manual_dir={manual_dir}",
         "--config.batch_size=8",
+        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
         "--config.num_train_steps=2",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=2",

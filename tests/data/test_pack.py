@@ -416,6 +416,7 @@ def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path
         "--config.image_size=64",
         "--config.batch_size=8",
         "--config.eval_crops=10",
+        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
         "--config.num_train_steps=4",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=4",

@@ -145,6 +145,7 @@ def test_a_deliberate_cpu_run_on_a_gpu_machine_trains_on_every_local_device(tmp_
         "--config.dataset=image_folder",
         f"--config.data_dir={image_folder}",
         "--config.image_size=64",
+        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
         "--config.batch_size=8",
         "--config.num_train_steps=1",
         "--config.log_every_steps=1",

@@ -23,6 +23,7 @@ from alexnet_jax.reporting import metrics as metrics_lib
 SBATCH_SCRIPT = os.path.join(REPO, "examples", "slurm", "train.sbatch")
 LEAN = (  # the demo digits, small and quick: 2 processes x 2 CPU devices, 8 images a step
     "--config.image_size=64",
+    "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
     "--config.batch_size=8",
     "--config.eval_batch_size=128",
     "--config.log_every_steps=1",

@@ -40,6 +40,7 @@ def _start_pair(workdir, digits_dir, total_steps, devices=2, *overrides, batch_s
             workdir,
             f"--config.data_dir={digits_dir}",
             "--config.image_size=64",
+            "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
             f"--config.batch_size={batch_size}",
             "--config.eval_batch_size=128",
             "--config.log_every_steps=1",
