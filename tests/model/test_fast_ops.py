@@ -103,7 +103,9 @@ def test_model_backward_impls_agree():
     rng = np.random.default_rng(2)
     images = jnp.asarray(rng.standard_normal((2, 67, 67, 3), dtype=np.float32))
     labels = jnp.asarray([1, 3])
-    fast = model_lib.AlexNet(variant=variant, num_classes=5, init_scheme="modern", backward_impl="fast")
+    fast = model_lib.AlexNet(  # 512 fc6/fc7 units: the subject is the convolutions, LRN and pools
+        variant=variant, num_classes=5, init_scheme="modern", backward_impl="fast", hidden_units=512
+    )
     plain = fast.clone(backward_impl="lax")
     params = fast.init(jax.random.key(0), images, train=False)["params"]
     plain_params = plain.init(jax.random.key(0), images, train=False)["params"]

@@ -78,28 +78,28 @@ def test_logits_shape_and_dtype(variant, image_size):
 
 def test_min_image_size_is_the_real_limit():
     size = model_lib.min_image_size()
-    net = AlexNet(num_classes=3)
+    net = AlexNet(num_classes=3, hidden_units=64)  # the limit is the convolutions' and pools'
     net.init(jax.random.key(0), jnp.ones((1, size, size, 3)), train=False)
     with pytest.raises(ValueError, match=f"at least {size}x{size}"):
         net.init(jax.random.key(0), jnp.ones((1, size - 1, size - 1, 3)), train=False)
 
 
 def test_paper_init():
-    net = AlexNet(num_classes=10, init_scheme="paper")
+    net = AlexNet(num_classes=10, init_scheme="paper", hidden_units=512)  # the rule, at any width
     params = net.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
         assert np.all(np.asarray(params[name]["bias"]) == 1.0), name
     for name in ("conv1", "conv3", "fc8"):
         assert np.all(np.asarray(params[name]["bias"]) == 0.0), name
     assert abs(float(np.std(params["fc6"]["kernel"])) - 0.01) < 5e-4
-    modern = AlexNet(num_classes=10, init_scheme="modern")
+    modern = AlexNet(num_classes=10, init_scheme="modern", hidden_units=512)
     params = modern.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
     assert np.all(np.asarray(params["conv2"]["bias"]) == 0.0)
     assert float(np.std(params["fc6"]["kernel"])) > 0.012  # He: sqrt(2 / 9216) ~ 0.0147
 
 
 def test_dropout_only_in_training_and_from_the_dropout_stream():
-    net = AlexNet(num_classes=10, init_scheme="modern")
+    net = AlexNet(num_classes=10, init_scheme="modern", hidden_units=512)
     images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     variables = net.init(jax.random.key(0), images, train=False)
     eval_a = net.apply(variables, images, train=False)

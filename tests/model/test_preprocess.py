@@ -45,7 +45,7 @@ def test_ten_crop_batches_and_floats():
 
 
 def test_the_model_takes_pixels_or_normalised_floats_alike():
-    module = model_lib.AlexNet(variant="torchvision", num_classes=7)
+    module = model_lib.AlexNet(variant="torchvision", num_classes=7, hidden_units=512)
     pixels = _pixels((2, 63, 63, 3))
     params = module.init(jax.random.key(0), jnp.zeros((1, 63, 63, 3)), train=False)["params"]
     from_pixels = module.apply({"params": params}, pixels, train=False)

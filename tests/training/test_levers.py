@@ -24,6 +24,7 @@ from alexnet_jax.parallel import distributed
 from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # AlexNet's smallest input (model.min_image_size)
+HIDDEN = 512  # fc6/fc7 units: the towers' convolutions and the dropout keys are the subject, not the width
 NUM_CLASSES = 7
 
 
@@ -69,6 +70,7 @@ def _paper(group_conv, backward_impl, **kwargs):
         input_scale="raw",
         backward_impl=backward_impl,
         group_conv=group_conv,
+        hidden_units=HIDDEN,
         **kwargs,
     )
 
@@ -241,6 +243,7 @@ def _step_setup(prng_impl):
     config = config_lib.base_config()
     config.model, config.init, config.input_scale = "paper", "modern", "raw"
     config.prng_impl = prng_impl
+    config.hidden_units = HIDDEN
     model = build.create_model(config, NUM_CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
     tx = optim.make_optimizer(config, schedule)
