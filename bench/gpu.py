@@ -328,7 +328,7 @@ def stage_prior_s(stage: Stage, settings: Settings, rounds: int) -> dict:
 
 
 def estimate_text(settings: Settings) -> str:
-    """The planned run's time by the priors, stage by stage (the README's estimate)."""
+    """The planned run's time by the priors, stage by stage (docs/performance.md's estimate)."""
     stages = [s for s in plan(settings) if s.name in settings.stages]
     rows = [f"{'stage':<26} {'cells':>5} {'start':>6} {'compile':>8} {'steps':>7} {'total':>7}"]
     total = PRIORS["driver_s"]

@@ -12,7 +12,7 @@ each scheme and mesh on `devices` fake CPU devices and prints one JSON line per 
                                bytes 2(n-1)/n S; all-gather / reduce-scatter whose full array
                                is S (n-1)/n S; all-to-all of S (n-1)/n S; collective-permute
                                its operand
-  analytic_collective_bytes_per_device  the formula in the README (Parallelism), per scheme
+  analytic_collective_bytes_per_device  the formula in docs/distributed.md, per scheme
   step_ms                      the median wall time of one compiled step on these devices over
                                --time_steps rounds (each one step, after one untimed step),
                                step_ms_rounds every round; null with --time_steps=0. On fake
@@ -103,7 +103,7 @@ def _layer_sizes(params) -> dict[str, int]:
 def analytic_bytes(
     name: str, data: int, model: int, batch: int, sizes: dict[str, int], num_classes: int, side: int, units: int = 4096
 ):
-    """The README's formula: gradient all-reduces plus the model axis's activation gathers and their transposes."""
+    """The formula of docs/distributed.md: gradient all-reduces plus the model axis's gathers and their transposes."""
 
     def ring(group, count):  # all-reduce of `count` floats on a group
         return 2 * (group - 1) / group * count * FLOAT_BYTES if group > 1 else 0.0

@@ -2,7 +2,7 @@
 
     python bench/train_step.py --model=torchvision --batch_size=32 --image_size=224 --steps=10 --compare_torch
 
-The step is the one training uses: alexnet_jax.training.loop.make_steps over all local
+The step is the one training uses: alexnet_jax.parallel.schemes.make_steps over all local
 devices, with the optimizer from alexnet_jax.step.optim, after compilation. The JAX
 and PyTorch timings alternate in rounds inside one process, so both see the same
 machine load; the medians are reported. The last line printed is one JSON object.
@@ -29,7 +29,7 @@ import types
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 WEIGHT_DECAY = {"paper": 5e-4, "torchvision": 1e-4}
-# Measured alternatives for XLA:CPU (README, Performance); none gave a gain so far, so
+# Measured alternatives for XLA:CPU (docs/performance.md); none gave a gain so far, so
 # training sets no flags. XLA reads XLA_FLAGS once, when the first backend starts.
 XLA_CPU_PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),

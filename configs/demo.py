@@ -4,8 +4,8 @@
 
 Hardware: 2 CPU cores (no accelerator). Data: 1,433 training / 364 held-out
 digits shipped inside scikit-learn, written once as 32x32 JPEGs into
-~/.cache/alexnet_jax/. Runtime: about 3 minutes on 2 cores. Expected result:
-held-out top-1 accuracy of at least 95% (README). Input: ImageNet mean/std
+~/.cache/alexnet_jax/. Runtime: about 2 min 40 s on 2 cores, reaching 98.63%
+held-out top-1 accuracy (README, Results; 2026-12-07). Input: ImageNet mean/std
 standardised pixels, the scale He initialisation ("modern") is designed for; the
 paper's raw 0-255 scale belongs with the paper's own init (configs/default.py).
 """

@@ -6,7 +6,7 @@
 
 Hardware: a TPU pod slice or a multi-node GPU cluster (32+ accelerators); the
 global batch must divide by the total device count. Runtime: about 1-2 hours on
-a v4-64 slice, bound by JPEG decoding unless the data is pre-resized (README).
+a v4-64 slice, bound by JPEG decoding unless the data is pre-resized (docs/data.md).
 References: You, Gitman & Ginsburg 2017 ("Large Batch Training of Convolutional
 Networks", LARS) trained AlexNet (with batch norm) at batch 8K without losing
 accuracy; Jia et al. 2018 ("Highly Scalable Deep Learning Training System with
@@ -19,7 +19,7 @@ to zero over 95 epochs; bf16 compute, float32 parameters.
 Parallelism: "data" (jit on a global mesh of every chip of every host, the batch
 split over it, parameters replicated). At 8K images a step the weird trick's
 activation traffic, which grows with the batch, eats most of what it saves on
-gradients (README, Parallelism: on 32 devices the best mesh, 8x4, still moves about
+gradients (docs/distributed.md: on 32 devices the best mesh, 8x4, still moves about
 half of data parallelism's bytes, and its all-gathers sit on the critical path where
 the gradient all-reduce overlaps the backward pass); a pod slice's fast links make
 the all-reduce cheap; and towers are the paper variant's. LARS's per-layer norms are

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST_COMPILE_FLAGS, REPO, env_without, optional
+from conftest import REPO, env_without, optional
 
 # issue 20, item 2: what every line carries (this list is the test's own, not the bench's)
 FIELDS = (
@@ -46,7 +46,7 @@ GPU_HOST_LACKS = ("tensorflow", "tensorflow_datasets", "ml_collections")
 
 def _env(tmp_path, blocked, **settings):
     env = env_without(tmp_path, blocked, **{key: str(value) for key, value in settings.items()})
-    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device, as the GPU host has one GPU
+    env.pop("XLA_FLAGS", None)  # XLA's own flags, as on the GPU host; one CPU device, as it has one GPU
     env["PYTHON"] = sys.executable
     env["REHEARSE"] = "1"
     env["OUT"] = str(tmp_path / "out")

@@ -91,7 +91,7 @@ def _optimisation_keys(config: ml_collections.ConfigDict) -> None:
     # The devices: "auto" (what JAX finds; refused when that is the CPU of a machine with an NVIDIA GPU
     # or a TPU), "cpu" (on purpose, even there), "gpu" or "tpu" (refused when JAX cannot start them).
     config.platform = "auto"
-    # Parallelism (README, Parallelism): how the step is placed on the devices. "pmap" or
+    # Parallelism (docs/distributed.md): how the step is placed on the devices. "pmap" or
     # "shard_map" (the whole network on every local device), "data" (jit on a global mesh,
     # multi-host), "towers" (the paper's two GPUs) or "weird_trick" (data-parallel convs,
     # model-parallel FC layers).

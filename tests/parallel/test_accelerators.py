@@ -133,7 +133,7 @@ def test_launch_on_a_gpu_machine_with_a_cpu_jax_stops_in_one_line_before_any_dat
             child.kill()
 
 
-@pytest.mark.slow  # about 40 CPU seconds (compiling for 8 devices): the quick lane is near its 10 minutes
+@pytest.mark.slow  # about 40 CPU seconds (compiling for 8 devices): kept out of the quick lane
 def test_a_deliberate_cpu_run_on_a_gpu_machine_trains_on_every_local_device(tmp_path, image_folder):
     # JAX_PLATFORMS=tpu stands in for the accelerator JAX would start: unless config.platform=cpu reaches
     # JAX before its first backend starts, JAX fails to start a TPU here.

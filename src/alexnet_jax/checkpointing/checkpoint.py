@@ -11,8 +11,8 @@ the one before it restores. A save that the storage refuses (full disk, no
 permission) stops the run with one line saying how much space is free and needed.
 
 The Checkpointer here is the manager that saves and restores; its named parts are
-checkpoint_manifest.py (the manifest, its verification: Seals, IntactSteps) and
-checkpoint_storage.py (the storage's errors: StorageGuard, StorageError).
+manifest.py (the manifest, its verification: Seals, IntactSteps) and
+storage.py (the storage's errors: StorageGuard, StorageError).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import jax
 from alexnet_jax.checkpointing.manifest import ORBAX_TMP_SUFFIX
 from alexnet_jax.errors import UserError
 
-log = logging.getLogger("alexnet_jax.checkpointing.checkpoint")  # the checkpoint's one logger (checkpoint_manifest.py)
+log = logging.getLogger("alexnet_jax.checkpointing.checkpoint")  # the checkpoint's one logger (manifest.py)
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how TensorStore's errors carry the OS's
 

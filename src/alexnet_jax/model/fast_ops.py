@@ -3,7 +3,7 @@
 XLA:CPU runs forward NHWC convolutions through Eigen's fast spatial kernels, but
 the convolutions that JAX's autodiff emits for the backward pass (batch and
 feature dimensions swapped, dilated) fall to much slower paths; on a 2-core CPU
-they were most of the gap to PyTorch (README, Performance). This module keeps the
+they were most of the gap to PyTorch (docs/performance.md). This module keeps the
 forward convolution and rewrites the backward pass by hand:
 
 - the filter gradient as one matmul of the input patches (gathered with strided

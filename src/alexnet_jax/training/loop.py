@@ -515,7 +515,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, guard: 
     model = build.create_model(config, plan.num_classes, input_scale=plan.input_scale)
     schedule = optim.make_schedule(config, plan.steps_per_epoch, plan.total_steps)
     tx = optim.make_optimizer(config, schedule)
-    scheme = schemes.from_config(config)  # how the step is placed on the devices (README, Parallelism)
+    scheme = schemes.from_config(config)  # how the step is placed on the devices (docs/distributed.md)
     state = restore_or_init(
         config,
         plan,
