@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import TEST_HIDDEN_UNITS
 
 from alexnet_jax.checkpointing import checkpoint, runinfo
 from alexnet_jax.commands import evaluate
@@ -24,7 +25,7 @@ def two_runs(image_folder, tmp_path_factory):
     config.dataset, config.data_dir = "image_folder", str(image_folder)
     config.image_size, config.init, config.num_classes = 63, "modern", 3
     config.eval_crops = 10  # the paper's test: evaluate's default for these runs
-    config.hidden_units = 512  # fc6/fc7: evaluate rebuilds the recorded width
+    config.hidden_units = TEST_HIDDEN_UNITS  # evaluate rebuilds the recorded width
     model = build.create_model(config, 3)
     tx = optax.sgd(0.01)
     state = steps.init_state(model, tx, jax.random.key(0), config.image_size)

@@ -5,7 +5,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import NUM_VAL, PER_SYNSET, SYNSETS, child_env, launch_command, write_ilsvrc_tars
+from conftest import NARROW_FC, NUM_VAL, PER_SYNSET, SYNSETS, child_env, launch_command, write_ilsvrc_tars
 
 from alexnet_jax.data import pipeline, registry, resize, sources
 from alexnet_jax.reporting import metrics as metrics_lib
@@ -48,7 +48,7 @@ def test_imagenet2012_prepared_by_tfds_and_read(tmp_path):
         f"--config.data_dir={data_dir}",
         f"--config.manual_dir={manual_dir}",
         "--config.batch_size=8",
-        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+        NARROW_FC,
         "--config.num_train_steps=2",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=2",

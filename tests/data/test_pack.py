@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, write_image_folder
+from conftest import NARROW_FC, REPO, write_image_folder
 from PIL import Image
 
 from alexnet_jax.commands import pack as pack_command
@@ -416,7 +416,7 @@ def test_training_on_a_pack_resumes_exactly_and_evaluates_every_example(tmp_path
         "--config.image_size=64",
         "--config.batch_size=8",
         "--config.eval_crops=10",
-        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+        NARROW_FC,
         "--config.num_train_steps=4",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=4",

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import NUM_VAL, PER_SYNSET, SYNSETS, child_env, launch_command, write_ilsvrc_tars
+from conftest import NARROW_FC, NUM_VAL, PER_SYNSET, SYNSETS, child_env, launch_command, write_ilsvrc_tars
 
 from alexnet_jax.data import pipeline, registry, sources
 from alexnet_jax.reporting import metrics as metrics_lib
@@ -158,7 +158,7 @@ def _launch(workdir, data_dir, *overrides):
         "--config.dataset=imagenet2012",
         f"--config.data_dir={data_dir}",
         "--config.image_size=64",
-        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+        NARROW_FC,
         "--config.batch_size=5",  # 2 steps an epoch of 12: batches cross epochs, step 6 resumes mid-epoch
         "--config.schedule=constant",  # so that a run of 6 steps continues as one of 12
         "--config.log_every_steps=1",

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_HIDDEN_UNITS
 
 from alexnet_jax.checkpointing import trained
 from alexnet_jax.evaluation import core as evaluation
@@ -59,8 +60,12 @@ def test_masked_sums_leave_out_padding_that_would_score_as_correct():
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    model = AlexNet(  # 512 fc6/fc7 units: the evaluation, not the width, is the subject
-        variant="paper", num_classes=CLASSES, init_scheme="modern", input_scale="standardized", hidden_units=512
+    model = AlexNet(
+        variant="paper",
+        num_classes=CLASSES,
+        init_scheme="modern",
+        input_scale="standardized",
+        hidden_units=TEST_HIDDEN_UNITS,
     )
     params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))()["params"]
     return model, jax.tree_util.tree_map(np.asarray, params)
@@ -122,7 +127,7 @@ def test_evaluate_cli_path_averages_ten_crops_and_masks_padding(model_and_params
         eval_crops=CROPS,
         step=0,
         run_info={},
-        architecture=build.architecture({"hidden_units": 512}),
+        architecture=build.architecture({"hidden_units": TEST_HIDDEN_UNITS}),
     )
     results, probs = evaluation.evaluate_runs([run], _device_batches(batch), keep_probabilities=True)
     _check(results, expected)

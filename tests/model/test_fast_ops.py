@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_HIDDEN_UNITS
 from jax import lax
 
 from alexnet_jax.model import alexnet as model_lib
@@ -103,8 +104,8 @@ def test_model_backward_impls_agree():
     rng = np.random.default_rng(2)
     images = jnp.asarray(rng.standard_normal((2, 67, 67, 3), dtype=np.float32))
     labels = jnp.asarray([1, 3])
-    fast = model_lib.AlexNet(  # 512 fc6/fc7 units: the subject is the convolutions, LRN and pools
-        variant=variant, num_classes=5, init_scheme="modern", backward_impl="fast", hidden_units=512
+    fast = model_lib.AlexNet(  # the subject is the convolutions, LRN and pools
+        variant=variant, num_classes=5, init_scheme="modern", backward_impl="fast", hidden_units=TEST_HIDDEN_UNITS
     )
     plain = fast.clone(backward_impl="lax")
     params = fast.init(jax.random.key(0), images, train=False)["params"]

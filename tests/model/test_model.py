@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_HIDDEN_UNITS
 
 from alexnet_jax.model import alexnet as model_lib
 from alexnet_jax.model.alexnet import AlexNet
@@ -85,21 +86,21 @@ def test_min_image_size_is_the_real_limit():
 
 
 def test_paper_init():
-    net = AlexNet(num_classes=10, init_scheme="paper", hidden_units=512)  # the rule, at any width
+    net = AlexNet(num_classes=10, init_scheme="paper", hidden_units=TEST_HIDDEN_UNITS)  # the rule, at any width
     params = net.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
         assert np.all(np.asarray(params[name]["bias"]) == 1.0), name
     for name in ("conv1", "conv3", "fc8"):
         assert np.all(np.asarray(params[name]["bias"]) == 0.0), name
     assert abs(float(np.std(params["fc6"]["kernel"])) - 0.01) < 5e-4
-    modern = AlexNet(num_classes=10, init_scheme="modern", hidden_units=512)
+    modern = AlexNet(num_classes=10, init_scheme="modern", hidden_units=TEST_HIDDEN_UNITS)
     params = modern.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
     assert np.all(np.asarray(params["conv2"]["bias"]) == 0.0)
     assert float(np.std(params["fc6"]["kernel"])) > 0.012  # He: sqrt(2 / 9216) ~ 0.0147
 
 
 def test_dropout_only_in_training_and_from_the_dropout_stream():
-    net = AlexNet(num_classes=10, init_scheme="modern", hidden_units=512)
+    net = AlexNet(num_classes=10, init_scheme="modern", hidden_units=TEST_HIDDEN_UNITS)
     images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     variables = net.init(jax.random.key(0), images, train=False)
     eval_a = net.apply(variables, images, train=False)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_HIDDEN_UNITS
 
 from alexnet_jax.model import alexnet as model_lib
 from alexnet_jax.model import preprocess
@@ -45,7 +46,7 @@ def test_ten_crop_batches_and_floats():
 
 
 def test_the_model_takes_pixels_or_normalised_floats_alike():
-    module = model_lib.AlexNet(variant="torchvision", num_classes=7, hidden_units=512)
+    module = model_lib.AlexNet(variant="torchvision", num_classes=7, hidden_units=TEST_HIDDEN_UNITS)
     pixels = _pixels((2, 63, 63, 3))
     params = module.init(jax.random.key(0), jnp.zeros((1, 63, 63, 3)), train=False)["params"]
     from_pixels = module.apply({"params": params}, pixels, train=False)

@@ -6,7 +6,7 @@ import subprocess
 
 import jax
 import pytest
-from conftest import child_env, launch_command
+from conftest import NARROW_FC, child_env, launch_command
 
 from alexnet_jax.errors import UserError
 from alexnet_jax.parallel import accelerators
@@ -145,7 +145,7 @@ def test_a_deliberate_cpu_run_on_a_gpu_machine_trains_on_every_local_device(tmp_
         "--config.dataset=image_folder",
         f"--config.data_dir={image_folder}",
         "--config.image_size=64",
-        "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+        NARROW_FC,
         "--config.batch_size=8",
         "--config.num_train_steps=1",
         "--config.log_every_steps=1",

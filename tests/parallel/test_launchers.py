@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, child_env, launch_command
+from conftest import NARROW_FC, REPO, child_env, launch_command
 from slurm_cluster import OneNodeSlurm, missing_programs
 
 from alexnet_jax.parallel import distributed
@@ -23,7 +23,7 @@ from alexnet_jax.reporting import metrics as metrics_lib
 SBATCH_SCRIPT = os.path.join(REPO, "examples", "slurm", "train.sbatch")
 LEAN = (  # the demo digits, small and quick: 2 processes x 2 CPU devices, 8 images a step
     "--config.image_size=64",
-    "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+    NARROW_FC,
     "--config.batch_size=8",
     "--config.eval_batch_size=128",
     "--config.log_every_steps=1",

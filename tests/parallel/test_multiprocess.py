@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import child_env, launch_command
+from conftest import NARROW_FC, child_env, launch_command
 
 from alexnet_jax.reporting import metrics as metrics_lib
 
@@ -40,7 +40,7 @@ def _start_pair(workdir, digits_dir, total_steps, devices=2, *overrides, batch_s
             workdir,
             f"--config.data_dir={digits_dir}",
             "--config.image_size=64",
-            "--config.hidden_units=512",  # fc6/fc7: the width is not the subject
+            NARROW_FC,
             f"--config.batch_size={batch_size}",
             "--config.eval_batch_size=128",
             "--config.log_every_steps=1",

@@ -24,7 +24,6 @@ from alexnet_jax.reporting import curves, figures
 from alexnet_jax.step import steps
 
 IMAGE_SIZE = 64
-HIDDEN = 512  # fc6/fc7 units: a narrower run than the paper's 4096, loaded back at its width
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +34,8 @@ def run(image_folder, tmp_path_factory):
     config.dataset = "image_folder"
     config.data_dir = str(image_folder)
     config.image_size = IMAGE_SIZE
-    config.hidden_units = HIDDEN  # the run is loaded back at the width it records
     # He init: unlike the paper's N(0, 0.01), its outputs depend clearly on the input.
-    model = model_lib.AlexNet(variant="paper", num_classes=3, init_scheme="modern", hidden_units=HIDDEN)
+    model = model_lib.AlexNet(variant="paper", num_classes=3, init_scheme="modern")
     state = steps.init_state(model, optax.sgd(0.01), jax.random.key(0), IMAGE_SIZE)
     checkpointer = checkpoint.Checkpointer(workdir)
     checkpointer.save(0, state, {"model": "paper", "num_classes": 3, "optimizer": "sgd"})
@@ -77,7 +75,7 @@ def test_predict_prints_what_the_model_computes(run, image_folder, capsys):
     assert {name for name, _ in shown} == {"class_0", "class_1", "class_2"}
 
     # The same numbers straight from the state that was saved, preprocessed as evaluation does.
-    module = model_lib.AlexNet(variant="paper", num_classes=3, hidden_units=HIDDEN)
+    module = model_lib.AlexNet(variant="paper", num_classes=3)
     with open(images[0], "rb") as handle:
         pixels = augment.eval_image(tf.constant(handle.read()), image_size=64, resize_size=73).numpy()[None]
     expected = np.asarray(jax.nn.softmax(module.apply({"params": state.params}, pixels, train=False)))[0]
@@ -89,7 +87,7 @@ def test_predict_prints_what_the_model_computes(run, image_folder, capsys):
     one = dict(predict.classify(classifier, images[:1], crops=1)[0])
     ten = dict(predict.classify(classifier, images[:1], crops=10)[0])
     assert sum(ten.values()) == pytest.approx(1.0, abs=1e-5)
-    assert max(abs(one[name] - ten[name]) for name in one) > 1e-4  # ten crops averaged, not the centre alone
+    assert max(abs(one[name] - ten[name]) for name in one) > 1e-3  # ten crops averaged, not the centre alone
 
     assert predict.main([f"--workdir={workdir}", "/no/such.jpg"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -98,14 +96,13 @@ def test_predict_prints_what_the_model_computes(run, image_folder, capsys):
 def test_fc7_features_are_the_last_hidden_layer(run):
     _, _, state = run
     images = np.random.default_rng(0).standard_normal((2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-    module = model_lib.AlexNet(variant="paper", num_classes=3, hidden_units=HIDDEN)
+    module = model_lib.AlexNet(variant="paper", num_classes=3)
     features = np.asarray(neighbors.fc7_features(module, state.params, images))
     # Independently: an fc8 that is the identity outputs exactly what it is fed, fc7 after the ReLU.
-    identity_fc8 = {"kernel": np.eye(HIDDEN, dtype=np.float32), "bias": np.zeros(HIDDEN, np.float32)}
-    identity = dict(state.params, fc8=identity_fc8)
-    wide = model_lib.AlexNet(variant="paper", num_classes=HIDDEN, hidden_units=HIDDEN)
+    identity = dict(state.params, fc8={"kernel": np.eye(4096, dtype=np.float32), "bias": np.zeros(4096, np.float32)})
+    wide = model_lib.AlexNet(variant="paper", num_classes=4096)
     expected = np.asarray(wide.apply({"params": identity}, images, train=False))
-    assert features.shape == (2, HIDDEN) and features.min() >= 0 and features.max() > 0
+    assert features.shape == (2, 4096) and features.min() >= 0 and features.max() > 0
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close
+from conftest import TEST_HIDDEN_UNITS, assert_close
 
 from alexnet_jax import config as config_lib
 from alexnet_jax.checkpointing import runinfo
@@ -24,7 +24,6 @@ from alexnet_jax.parallel import distributed
 from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # AlexNet's smallest input (model.min_image_size)
-HIDDEN = 512  # fc6/fc7 units: the towers' convolutions and the dropout keys are the subject, not the width
 NUM_CLASSES = 7
 
 
@@ -70,7 +69,7 @@ def _paper(group_conv, backward_impl, **kwargs):
         input_scale="raw",
         backward_impl=backward_impl,
         group_conv=group_conv,
-        hidden_units=HIDDEN,
+        hidden_units=TEST_HIDDEN_UNITS,
         **kwargs,
     )
 
@@ -243,7 +242,7 @@ def _step_setup(prng_impl):
     config = config_lib.base_config()
     config.model, config.init, config.input_scale = "paper", "modern", "raw"
     config.prng_impl = prng_impl
-    config.hidden_units = HIDDEN
+    config.hidden_units = TEST_HIDDEN_UNITS
     model = build.create_model(config, NUM_CLASSES)
     schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
     tx = optim.make_optimizer(config, schedule)

@@ -4,8 +4,8 @@
 
 For every query image, the k images of the run's validation split (or
 --split=train, as in the paper) whose fc7 activations (config.hidden_units values,
-4096 by default, after the ReLU) lie nearest in Euclidean distance. Writes a PNG grid, one row per query:
-the query, then its neighbours nearest first, each captioned with its class.
+4096 by default, after the ReLU) lie nearest in Euclidean distance. Writes a PNG
+grid, one row per query: the query, then its neighbours nearest first, each captioned with its class.
 
 The features are taken with Flax's capture_intermediates, so the model, its
 parameter names and its outputs stay as they are. One pass over the split keeps
