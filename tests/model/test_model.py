@@ -68,11 +68,12 @@ def test_adaptive_pool_matches_torch_bins():
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
 @pytest.mark.parametrize("image_size", [63, 227])  # the smallest input, and the paper's
 def test_logits_shape_and_dtype(variant, image_size):
+    """Shapes and dtypes are what tracing gives (jax.eval_shape): exactly those of the compiled run."""
     net = AlexNet(variant=variant, num_classes=7, dtype=jnp.bfloat16)
-    images = jnp.ones((2, image_size, image_size, 3))
-    variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(images)
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), images)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
-    logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, images)
+    logits = jax.eval_shape(lambda v, x: net.apply(v, x, train=False), variables, images)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     assert model_lib.count_params(variables["params"]) == model_lib.count_params(_params(variant, 7))
 
@@ -80,21 +81,25 @@ def test_logits_shape_and_dtype(variant, image_size):
 def test_min_image_size_is_the_real_limit():
     size = model_lib.min_image_size()
     net = AlexNet(num_classes=3, hidden_units=64)  # the limit is the convolutions' and pools'
-    net.init(jax.random.key(0), jnp.ones((1, size, size, 3)), train=False)
+
+    def init(side):  # traced layer by layer, as a run's init is, without compiling it
+        return jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.ones((1, side, side, 3)), train=False))
+
+    assert init(size)["params"]["fc8"]["kernel"].shape == (64, 3)  # every layer was built
     with pytest.raises(ValueError, match=f"at least {size}x{size}"):
-        net.init(jax.random.key(0), jnp.ones((1, size - 1, size - 1, 3)), train=False)
+        init(size - 1)
 
 
 def test_paper_init():
     net = AlexNet(num_classes=10, init_scheme="paper", hidden_units=TEST_HIDDEN_UNITS)  # the rule, at any width
-    params = net.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
+    params = jax.jit(lambda: net.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False))()["params"]
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
         assert np.all(np.asarray(params[name]["bias"]) == 1.0), name
     for name in ("conv1", "conv3", "fc8"):
         assert np.all(np.asarray(params[name]["bias"]) == 0.0), name
     assert abs(float(np.std(params["fc6"]["kernel"])) - 0.01) < 5e-4
     modern = AlexNet(num_classes=10, init_scheme="modern", hidden_units=TEST_HIDDEN_UNITS)
-    params = modern.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
+    params = jax.jit(lambda: modern.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)), train=False))()["params"]
     assert np.all(np.asarray(params["conv2"]["bias"]) == 0.0)
     assert float(np.std(params["fc6"]["kernel"])) > 0.012  # He: sqrt(2 / 9216) ~ 0.0147
 
