@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, assert_trees_equal
+from conftest import TEST_HIDDEN_UNITS, assert_trees_close, assert_trees_equal
 
 from alexnet_jax import config as config_lib
 from alexnet_jax.checkpointing import checkpoint as checkpoint_lib
@@ -23,9 +23,9 @@ from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 67  # small, and not a multiple of conv1's stride
 NUM_CLASSES = 8  # fc8 splits by classes over a model axis of 8
-# fc6/fc7 of 512 units, not 4096: every layer splits as at the paper's width (8 | 512), at an eighth of the
-# memory and time; test_at_the_papers_width_each_device_holds_its_share pins the 4096-unit layout.
-HIDDEN = 512
+# fc6/fc7 of TEST_HIDDEN_UNITS, not 4096: every layer splits as at the paper's width (8 | 128), at a fraction
+# of the memory and time; test_at_the_papers_width_each_device_holds_its_share pins the 4096-unit layout.
+HIDDEN = TEST_HIDDEN_UNITS
 GLOBAL_BATCH = 16
 CASES = [("data", 1), ("towers", 2), ("weird_trick", 2), ("weird_trick", 8)]
 # Both variants wherever they apply: towers are the paper's alone (config.validate refuses the rest).

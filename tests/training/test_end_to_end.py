@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from conftest import child_env, launch_command
+from conftest import NARROW_FC, child_env, launch_command
 
 from alexnet_jax.reporting import metrics as metrics_lib
 
@@ -32,7 +32,7 @@ def test_train_evaluate_checkpoint_and_resume(image_folder, tmp_path):
         "--config.checkpoint_every_steps=2",
         "--config.num_classes=-1",
         "--config.schedule=constant",  # the lr does not depend on num_train_steps, which the resume raises
-        "--config.hidden_units=512",  # the width is not the subject: an eighth of the paper's fc6/fc7
+        NARROW_FC,  # the width is not the subject
     ]
     _run_launch(workdir, *common, "--config.num_train_steps=3")
     records = metrics_lib.read_metrics(str(workdir))
