@@ -75,15 +75,15 @@ def _wait_all(processes, timeout=400):
 
 
 # At 128 fc units a step is short enough that a 5-step run could end before the request arrived.
-STEPS = 12
+STOP_RUN_STEPS = 12
 
 
 def test_two_processes_train_stop_together_and_resume(tmp_path):
     """Process 1 alone gets SIGTERM after step 2; both stop at one step before the last; the pair resumes there."""
     workdir, digits = tmp_path / "run", tmp_path / "digits"
-    processes = _start_pair(workdir, digits, total_steps=STEPS)
+    processes = _start_pair(workdir, digits, total_steps=STOP_RUN_STEPS)
     deadline = time.monotonic() + 400
-    while f"step 2/{STEPS}" not in _output(processes[0][1]):
+    while f"step 2/{STOP_RUN_STEPS}" not in _output(processes[0][1]):
         assert time.monotonic() < deadline and processes[0][0].poll() is None, _output(processes[0][1])[-3000:]
         time.sleep(0.1)
     processes[1][0].send_signal(signal.SIGTERM)  # only process 1 is told; both must stop at one step
@@ -92,18 +92,17 @@ def test_two_processes_train_stop_together_and_resume(tmp_path):
     stops = [re.search(r"stopped at step (\d+) on request", output) for output in first]
     assert all(stops), first[0][-3000:]
     stopped_at = int(stops[0].group(1))
-    assert int(stops[1].group(1)) == stopped_at < STEPS
+    assert int(stops[1].group(1)) == stopped_at < STOP_RUN_STEPS
 
-    second = _wait_all(_start_pair(workdir, digits, total_steps=STEPS))
-    assert f"at step {stopped_at}" in second[0] and f"step {STEPS}/{STEPS}" in second[0]
-    assert (
-        "resumed from" not in second[1] and f"step {STEPS}/{STEPS}" not in second[1]
-    )  # process 1: warnings and errors only
+    second = _wait_all(_start_pair(workdir, digits, total_steps=STOP_RUN_STEPS))
+    assert f"at step {stopped_at}" in second[0] and f"step {STOP_RUN_STEPS}/{STOP_RUN_STEPS}" in second[0]
+    # process 1 logs warnings and errors only
+    assert "resumed from" not in second[1] and f"step {STOP_RUN_STEPS}/{STOP_RUN_STEPS}" not in second[1]
     records = metrics_lib.read_metrics(str(workdir))  # written by process 0 alone
-    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, STOP_RUN_STEPS + 1))
     evals = [r for r in records if "eval/num_examples" in r]
     assert evals and evals[-1]["eval/num_examples"] == 364  # every held-out digit once, over 2 processes
-    assert sorted(os.listdir(workdir / "checkpoints")) == sorted({str(stopped_at), str(STEPS)})
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted({str(stopped_at), str(STOP_RUN_STEPS)})
 
 
 def _start_mesh_pair(workdir, digits_dir, total_steps, parallelism):
