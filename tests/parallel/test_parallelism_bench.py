@@ -51,9 +51,8 @@ def test_every_scheme_meets_its_formula_and_the_towers_hold_half_the_state(tmp_p
         "--time_steps=1",
     )
     assert {(row["scheme"], row["mesh"]) for row in rows} == SCHEMES
-    assert {row["global_batch"] for row in rows} == {16} and {row["hidden_units"] for row in rows} == {
-        TEST_HIDDEN_UNITS
-    }
+    assert {row["global_batch"] for row in rows} == {16}
+    assert {row["hidden_units"] for row in rows} == {TEST_HIDDEN_UNITS}
     for row in rows:
         case = (row["scheme"], row["mesh"])
         assert 0.9 <= row["measured_over_analytic"] <= 1.1, (case, row)

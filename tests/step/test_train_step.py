@@ -15,9 +15,7 @@ from alexnet_jax.step import optim, steps
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 5
-HIDDEN = (
-    TEST_HIDDEN_UNITS  # fc6/fc7 units: the step's arithmetic is the same at the paper's 4096, at a fraction of the cost
-)
+HIDDEN = TEST_HIDDEN_UNITS  # fc6/fc7 units: the step's arithmetic is the same at the paper's 4096
 
 
 def _config(dropout_rate=0.0, learning_rate=0.01, input_scale="standardized"):
